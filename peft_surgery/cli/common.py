@@ -1,0 +1,128 @@
+"""Shared CLI plumbing: consistent options, one-line errors, JSON/table output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+from typing import Any, Callable, Iterable, Sequence
+
+import click
+
+from ..errors import SurgeryError
+
+
+def output_option(required: bool = True, help: str = "Output path.") -> Callable:
+    return click.option("-o", "--output", "output", type=click.Path(), required=required, help=help)
+
+
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+allow_pickle_option = click.option(
+    "--allow-pickle", is_flag=True, help="Allow legacy .bin/.pt pickles (loaded with torch.load(weights_only=True))."
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars or tables; errors only.")
+device_option = click.option(
+    "--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (GPU when present)."
+)
+dtype_option = click.option("--dtype", default=None, help="Output dtype: fp32, fp16 or bf16 (default: keep).")
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn user errors into one line on stderr and a non-zero exit; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SurgeryError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except FileNotFoundError as exc:
+            click.echo(f"Error: {exc.filename}: no such file or folder", err=True)
+            sys.exit(2)
+        except PermissionError as exc:
+            click.echo(f"Error: {exc.filename}: permission denied", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("Interrupted; no output was written.", err=True)
+            sys.exit(130)
+        except MemoryError:
+            click.echo("Error: out of memory (try --device cpu, a smaller --rank, or --svd randomized)", err=True)
+            sys.exit(3)
+
+    return wrapper
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SurgeryError(f"--device {device} requested but CUDA is not available")
+    return device
+
+
+def parse_dtype(name: str | None):
+    import torch
+
+    if name is None:
+        return None
+    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp64": torch.float64}
+    try:
+        return table[name.lower()]
+    except KeyError:
+        raise SurgeryError(f"unknown dtype '{name}' (use fp32, fp16 or bf16)") from None
+
+
+def parse_floats(text: str | None, what: str = "weights") -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SurgeryError(f"--{what} must be comma-separated numbers, got '{text}'") from None
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    return str(o)
+
+
+def echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=_json_default))
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], max_rows: int | None = None) -> str:
+    rows = [[_fmt(c) for c in r] for r in rows]
+    shown = rows if max_rows is None or len(rows) <= max_rows else rows[:max_rows]
+    widths = [len(h) for h in headers]
+    for r in shown:
+        widths = [max(w, len(c)) for w, c in zip(widths, r)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in shown]
+    if len(shown) < len(rows):
+        lines.append(f"... {len(rows) - len(shown)} more rows (use --json for all)")
+    return "\n".join(lines)
+
+
+def _fmt(c: Any) -> str:
+    if isinstance(c, float):
+        if c == 0 or (1e-3 <= abs(c) < 1e6):
+            return f"{c:.4g}"
+        return f"{c:.3e}"
+    return str(c)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
