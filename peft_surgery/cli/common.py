@@ -126,3 +126,25 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def hub_options(fn: Callable) -> Callable:
+    """--push-to-hub REPO_ID [--private] [--commit-message] for commands that write an adapter or model."""
+    fn = click.option("--commit-message", default=None, help="Commit message for --push-to-hub.")(fn)
+    fn = click.option("--private", is_flag=True, help="Create the Hub repo as private (with --push-to-hub).")(fn)
+    fn = click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO_ID",
+                      help="Upload the result to this Hugging Face Hub repo (with a generated model card).")(fn)
+    return fn
+
+
+def maybe_push(output: str, push_to_hub: str | None, *, private: bool = False, commit_message: str | None = None,
+               report: Any = None, kind: str = "adapter", base_model: str | None = None, quiet: bool = False) -> None:
+    """Push ``output`` to the Hub when ``--push-to-hub`` was given (model card with the command and report)."""
+    if not push_to_hub:
+        return
+    from ..hub import push_folder
+
+    url = push_folder(output, push_to_hub, private=private, commit_message=commit_message, report=report,
+                      kind=kind, base_model=base_model, command=" ".join(["peft-surgery", *sys.argv[1:]]))
+    if not quiet:
+        click.echo(f"pushed to {url}")
