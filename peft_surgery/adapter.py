@@ -218,6 +218,10 @@ class AdapterModule:
         For DoRA the base weight is required and the result is ``W' − W`` (PEFT's merge).
         """
         d = self.delta_math()
+        if base_weight is not None and not self.layout.transposed and tuple(d.shape) != tuple(base_weight.shape) \
+                and d.numel() == base_weight.numel():
+            # LoHa/LoKr conv deltas read without the base come out as (out, in·kh·kw): fold the kernel back.
+            d = d.reshape(base_weight.shape)
         if self.magnitude is None:
             return self.to_stored(d)
         if base_weight is None:
