@@ -514,8 +514,14 @@ def atomic_output(out: str | os.PathLike, *, is_dir: bool, inputs: Iterable[str 
             backup.unlink(missing_ok=True)
     else:
         os.replace(tmp, out)
+    # mkdtemp/mkstemp create private (0700/0600) paths; give the result ordinary permissions.
     if is_dir:
         os.chmod(out, 0o755)
+        for dirpath, dirnames, filenames in os.walk(out):
+            for d in dirnames:
+                os.chmod(os.path.join(dirpath, d), 0o755)
+            for f in filenames:
+                os.chmod(os.path.join(dirpath, f), 0o644)
     else:
         os.chmod(out, 0o644)
 
