@@ -1,0 +1,169 @@
+"""The library API: the command-line operations as functions on the canonical objects.
+
+``import peft_surgery as ps`` re-exports everything here. Each function is a thin wrapper over the module that
+implements the operation (the CLI calls the same modules), takes local paths or Hub repo ids
+(``org/name[@revision]``) wherever a checkpoint or adapter is read, and returns the canonical
+:class:`~peft_surgery.adapter.Adapter` and/or a report dataclass (``.to_json()``, ``.to_markdown()``).
+
+Every example below runs as a doctest on tiny tensors made on the spot.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .adapter import Adapter
+from .checkpoint import Checkpoint
+
+if TYPE_CHECKING:  # imported lazily at call time: keeps `import peft_surgery.api` light
+    from .convert import ConvertReport
+    from .hub import PushResult
+    from .initialize import InitReport
+
+PathLike = str | os.PathLike
+
+
+def load_adapter(path_or_id: PathLike | Checkpoint, *, format: str = "auto", allow_pickle: bool = False,
+                 subfolder: str | None = None, revision: str | None = None, **reader_options: Any) -> Adapter:
+    """Read an adapter in any supported format (detected, or named by ``format``) into an :class:`Adapter`.
+
+    ``path_or_id`` is a file, a folder or a Hub repo id (``org/name`` or ``org/name@revision``; offline
+    from the cache with ``HF_HUB_OFFLINE=1``). ``reader_options`` go to the format's reader (e.g. ``base=``
+    to resolve kohya names against a base model).
+
+    >>> import tempfile, torch, peft_surgery as ps
+    >>> tmp = tempfile.mkdtemp()
+    >>> lora = ps.LoRA(down=torch.ones(2, 8), up=torch.full((6, 2), 0.5))
+    >>> ps.Adapter({"model.layers.0.self_attn.q_proj": ps.AdapterModule(lora, scale=2.0)}).save(f"{tmp}/a")
+    []
+    >>> adapter = ps.load_adapter(f"{tmp}/a")
+    >>> adapter.source_format, adapter.ranks()
+    ('peft', {'model.layers.0.self_attn.q_proj': 2})
+    >>> adapter["model.layers.0.self_attn.q_proj"].delta_weight()[0, :3]  # scale · up @ down
+    tensor([2., 2., 2.])
+    """
+    from .formats import load_adapter as _load
+
+    return _load(path_or_id, format=format, allow_pickle=allow_pickle, subfolder=subfolder, revision=revision,
+                 **reader_options)
+
+
+def load_checkpoint(path_or_id: PathLike, *, allow_pickle: bool = False, subfolder: str | None = None,
+                    revision: str | None = None) -> Checkpoint:
+    """Open a model checkpoint lazily: a ``.safetensors`` file, a (sharded) folder or a Hub repo id.
+
+    Tensors are read one at a time (``ckpt[key]``); ``shape``/``dtype`` come from the header without reading data.
+
+    >>> import tempfile, torch, peft_surgery as ps
+    >>> from safetensors.torch import save_file
+    >>> path = f"{tempfile.mkdtemp()}/model.safetensors"
+    >>> save_file({"fc.weight": torch.eye(3), "fc.bias": torch.zeros(3)}, path)
+    >>> ckpt = ps.load_checkpoint(path)
+    >>> sorted(ckpt.keys()), ckpt.shape("fc.weight"), ckpt["fc.weight"].trace().item()
+    (['fc.bias', 'fc.weight'], (3, 3), 3.0)
+    """
+    return Checkpoint.open(path_or_id, allow_pickle=allow_pickle, subfolder=subfolder, revision=revision)
+
+
+def save_adapter(adapter: Adapter, path: PathLike, *, format: str = "peft", overwrite: bool = False,
+                 **writer_options: Any) -> list[str]:
+    """Write ``adapter`` atomically in ``format`` (same as ``adapter.save(path, format=...)``).
+
+    Returns the writer's notes about anything it had to transform to fit the format.
+
+    >>> import os, tempfile, torch, peft_surgery as ps
+    >>> tmp = tempfile.mkdtemp()
+    >>> a = ps.Adapter({"model.layers.0.mlp.up_proj": ps.AdapterModule(ps.LoRA(torch.ones(1, 4), torch.ones(4, 1)))})
+    >>> ps.save_adapter(a, f"{tmp}/out")
+    []
+    >>> sorted(os.listdir(f"{tmp}/out"))
+    ['adapter_config.json', 'adapter_model.safetensors']
+    """
+    from .formats import save_adapter as _save
+
+    return _save(adapter, path, format=format, overwrite=overwrite, **writer_options)
+
+
+def convert(adapter_or_path: Adapter | PathLike, output: PathLike, *, to: str = "peft", from_format: str = "auto",
+            to_type: str | None = None, base: str | None = None, rank: int | None = None,
+            overwrite: bool = False, **options: Any) -> "ConvertReport":
+    """Convert an adapter (a path, a Hub id or an :class:`Adapter`) to format ``to``, written to ``output``.
+
+    ``to_type`` also converts the adapter type (``lora``/``loha``/``lokr``; lossy conversions are reported).
+    Same as ``peft-surgery convert``; returns the conversion report.
+
+    >>> import tempfile, torch, peft_surgery as ps
+    >>> tmp = tempfile.mkdtemp()
+    >>> a = ps.Adapter({"model.layers.0.self_attn.v_proj": ps.AdapterModule(ps.LoRA(torch.ones(2, 8), torch.ones(8, 2)))})
+    >>> report = ps.convert(a, f"{tmp}/converted", to="peft")
+    >>> report.target_format, report.totals["modules"]
+    ('peft', 1)
+    >>> '"target_format": "peft"' in report.to_json()
+    True
+    """
+    from .convert import convert as _convert
+
+    return _convert(adapter_or_path, output, to=to, from_format=from_format, to_type=to_type, base=base, rank=rank,
+                    overwrite=overwrite, **options)
+
+
+def init_pissa(base: PathLike, output: PathLike, *, rank: int = 16, method: str = "pissa",
+               target_modules: str | Sequence[str] | None = None, alpha: float | None = None,
+               niter: int | None = None, quantize: str | None = None, device: str = "cpu",
+               overwrite: bool = False, **options: Any) -> "InitReport":
+    """PiSSA (or ``method="olora"``/``"milora"``) initialisation of a LoRA on ``base``.
+
+    Writes ``output/adapter`` (a PEFT LoRA ready to train) and ``output/residual`` (the base minus the
+    adapter's principal part, with the base's sharding and side files), so ``residual + adapter == base``.
+    Returns the per-module report. Same as ``peft-surgery init pissa``.
+
+    >>> import tempfile, torch, peft_surgery as ps
+    >>> from safetensors.torch import save_file
+    >>> tmp = tempfile.mkdtemp()
+    >>> w = torch.randn(16, 16, generator=torch.Generator().manual_seed(0))
+    >>> save_file({"model.layers.0.self_attn.q_proj.weight": w}, f"{tmp}/model.safetensors")
+    >>> report = ps.init_pissa(f"{tmp}/model.safetensors", f"{tmp}/pissa", rank=4, target_modules="q_proj")
+    >>> adapter = ps.load_adapter(f"{tmp}/pissa/adapter")
+    >>> residual = ps.load_checkpoint(f"{tmp}/pissa/residual")["model.layers.0.self_attn.q_proj.weight"]
+    >>> delta = adapter["model.layers.0.self_attn.q_proj"].delta_weight()
+    >>> torch.allclose(residual + delta, w, atol=1e-5), adapter.ranks()
+    (True, {'model.layers.0.self_attn.q_proj': 4})
+    """
+    from .initialize import init_adapter
+
+    return init_adapter(base, output, method=method, rank=rank, target_modules=target_modules, alpha=alpha,
+                        niter=niter, quantize=quantize, device=device, overwrite=overwrite, **options)
+
+
+def push_to_hub(path: PathLike, repo_id: str, *, private: bool = False, commit_message: str | None = None,
+                report: Any = None, command: str | None = None, base_model: str | None = None,
+                dry_run: bool = False, **options: Any) -> "PushResult":
+    """Upload an output folder (or file) to the Hub with a generated model card (see ``peft-surgery push``).
+
+    The card records the base model, library, tags, ``command`` and the ``report`` table. With
+    ``dry_run=True`` nothing is uploaded: the card is written locally and the file list returned.
+
+    >>> import tempfile, torch, peft_surgery as ps
+    >>> tmp = tempfile.mkdtemp()
+    >>> a = ps.Adapter({"model.layers.0.self_attn.q_proj": ps.AdapterModule(ps.LoRA(torch.ones(1, 4), torch.ones(4, 1)))},
+    ...                base_model="org/base")
+    >>> _ = a.save(f"{tmp}/adapter")
+    >>> result = ps.push_to_hub(f"{tmp}/adapter", "me/my-adapter", dry_run=True)
+    >>> [name for name, size in result.files]
+    ['README.md', 'adapter_config.json', 'adapter_model.safetensors']
+    >>> print(open(f"{tmp}/adapter/README.md").read().split("---")[1].strip())
+    base_model: org/base
+    library_name: peft
+    tags:
+    - peft-surgery
+    - lora
+    - "base_model:adapter:org/base"
+    """
+    from .hub import push_folder
+
+    return push_folder(path, repo_id, private=private, commit_message=commit_message, report=report,
+                       command=command, base_model=base_model, dry_run=dry_run, **options)
+
+
+__all__ = ["convert", "init_pissa", "load_adapter", "load_checkpoint", "push_to_hub", "save_adapter"]

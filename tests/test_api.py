@@ -1,0 +1,103 @@
+"""The library API: doctests, lazy package import, and the README's Python example run verbatim."""
+
+from __future__ import annotations
+
+import doctest
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MARKER = "<!-- readme-example -->"
+
+
+def _run_doctests(module) -> None:
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    tests = [t for t in finder.find(module) if t.examples]
+    assert tests, f"{module.__name__} has no doctest examples"
+    failures = []
+    for t in tests:
+        out: list[str] = []
+        result = runner.run(t, out=out.append)
+        if result.failed:
+            failures.append("".join(out))
+    assert not failures, "\n".join(failures)
+
+
+def test_api_doctests(tmp_path, monkeypatch):
+    import peft_surgery.api as api
+
+    monkeypatch.chdir(tmp_path)
+    _run_doctests(api)
+
+
+def test_hub_doctests(tmp_path, monkeypatch):
+    import peft_surgery.hub as hub
+
+    monkeypatch.chdir(tmp_path)
+    _run_doctests(hub)
+
+
+def test_every_api_function_has_docstring_example_and_annotations():
+    import inspect
+
+    import peft_surgery as ps
+    import peft_surgery.api as api
+
+    for name in api.__all__:
+        fn = getattr(api, name)
+        assert getattr(ps, name) is fn, name  # re-exported by the package
+        assert fn.__doc__ and ">>> " in fn.__doc__, f"{name} has no runnable example"
+        sig = inspect.signature(fn)
+        assert sig.return_annotation is not inspect.Signature.empty, name
+        for p in sig.parameters.values():
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                assert p.annotation is not inspect.Parameter.empty, f"{name}({p.name}) is not annotated"
+    assert (REPO / "peft_surgery" / "py.typed").exists()
+
+
+def test_package_import_is_lazy_and_names_resolve():
+    """`import peft_surgery` does not import torch; every public name resolves; submodule names stay functions."""
+    code = (
+        "import sys, peft_surgery as ps\n"
+        "assert 'torch' not in sys.modules, 'import peft_surgery imported torch'\n"
+        "missing = [n for n in ps.__all__ if not hasattr(ps, n)]\n"
+        "assert not missing, missing\n"
+        "import peft_surgery.convert, peft_surgery.cli.main\n"
+        "assert callable(ps.convert) and ps.convert is ps.api.convert, ps.convert\n"
+        "if 'extract' in ps.__all__:\n"
+        "    import peft_surgery.extract\n"
+        "    assert ps.extract is ps.api.extract\n"
+        "from peft_surgery.convert import ConvertReport\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def readme_example() -> tuple[str, str]:
+    """The ```python block right after the readme-example marker: README.md first, else docs/readme/api.md."""
+    for src in (REPO / "README.md", REPO / "docs" / "readme" / "api.md"):
+        if src.exists() and MARKER in src.read_text():
+            text = src.read_text()
+            m = re.search(re.escape(MARKER) + r"\s*\n```python\n(.*?)\n```", text, re.S)
+            assert m, f"{src.name}: the marker must be followed by a ```python block"
+            return m.group(1), src.name
+    pytest.fail("no readme-example marker in README.md or docs/readme/api.md")
+
+
+def test_readme_python_example_runs_verbatim(tmp_path):
+    code, source = readme_example()
+    script = tmp_path / "example.py"
+    script.write_text(code + "\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=300)
+    assert res.returncode == 0, f"{source} example failed:\n{res.stdout}\n{res.stderr}"
+    assert res.stdout.strip(), "the example should print its results"
