@@ -312,6 +312,31 @@ class Adapter:
 
         return save_adapter(self, path, format=format, **kwargs)
 
+    def rescale(self, *, to_rslora: bool = False, to_lora: bool = False, alpha: float | None = None,
+                strength: float | None = None, fold_scale: bool = False, config_only: bool = False):
+        """A rescaled copy and its report: ``(Adapter, RescaleReport)``; exactly one operation.
+
+        ``to_rslora``/``to_lora``/``alpha``/``fold_scale`` restate the scale with ΔW unchanged; ``strength``
+        multiplies ΔW (see :func:`peft_surgery.algebra.rescale_adapter`).
+
+        >>> import torch
+        >>> a = Adapter({"fc": AdapterModule(LoRA(torch.ones(2, 4), torch.ones(4, 2)), scale=1.0, alpha=2.0)})
+        >>> b, report = a.rescale(strength=0.5)
+        >>> float(b["fc"].delta_weight()[0, 0]), float(a["fc"].delta_weight()[0, 0])
+        (1.0, 2.0)
+        """
+        from .algebra import rescale_adapter
+
+        return rescale_adapter(self, to_rslora=to_rslora, to_lora=to_lora, alpha=alpha, strength=strength,
+                               fold_scale=fold_scale, config_only=config_only)
+
+    def resize(self, *, rank: int | None = None, energy: float | None = None, sv_ratio: float | None = None,
+               device: str = "cpu"):
+        """A lower-rank copy (optimal truncated SVD of each ΔW) and its report: ``(Adapter, ResizeReport)``."""
+        from .algebra import resize_adapter
+
+        return resize_adapter(self, rank=rank, energy=energy, sv_ratio=sv_ratio, device=device)
+
 
 def frobenius(t: Tensor) -> float:
     """‖t‖_F in float64 (robust for large tensors)."""
