@@ -94,14 +94,19 @@ def merge_weight(weight: Tensor, module: AdapterModule, *, strength: float = 1.0
     return out.to(weight.dtype).to(weight.device)
 
 
-def unmerge_weight(weight: Tensor, module: AdapterModule, *, strength: float = 1.0, name: str | None = None,
-                   path: object = None, device: str | torch.device | None = None) -> Tensor:
-    """``W' − strength·ΔW`` computed in fp32 and cast back. DoRA is refused (see the module docstring)."""
+def check_unmergeable(module: AdapterModule, *, name: str | None = None, path: object = None) -> None:
+    """Raise for modules whose merge cannot be undone from the merged weight alone (DoRA)."""
     if module.magnitude is not None:
         raise SurgeryError(
             "DoRA cannot be unmerged from a merged checkpoint alone: the merge rescaled each row by "
             "m/‖W+ΔW‖, and recovering W needs those pre-merge norms, which only the original base holds",
             path=path, tensor=name)
+
+
+def unmerge_weight(weight: Tensor, module: AdapterModule, *, strength: float = 1.0, name: str | None = None,
+                   path: object = None, device: str | torch.device | None = None) -> Tensor:
+    """``W' − strength·ΔW`` computed in fp32 and cast back. DoRA is refused (see the module docstring)."""
+    check_unmergeable(module, name=name, path=path)
     w, mod = _prepare(weight, module, device)
     d = module_delta(mod, w, name=name, path=path)
     out = w - d if strength == 1.0 else w - d * strength
@@ -127,4 +132,4 @@ def merge_bias(bias: Tensor | None, module: AdapterModule, *, strength: float = 
     return out.to(bias.dtype)
 
 
-__all__ = ["fit_to_weight", "merge_bias", "merge_weight", "module_delta", "module_to", "unmerge_weight"]
+__all__ = ["check_unmergeable", "fit_to_weight", "merge_bias", "merge_weight", "module_delta", "module_to", "unmerge_weight"]
