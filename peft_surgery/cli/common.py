@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shlex
 import sys
 from typing import Any, Callable, Iterable, Sequence
 
@@ -145,6 +146,6 @@ def maybe_push(output: str, push_to_hub: str | None, *, private: bool = False, c
     from ..hub import push_folder
 
     url = push_folder(output, push_to_hub, private=private, commit_message=commit_message, report=report,
-                      kind=kind, base_model=base_model, command=" ".join(["peft-surgery", *sys.argv[1:]]))
+                      kind=kind, base_model=base_model, command=shlex.join(["peft-surgery", *sys.argv[1:]]))
     if not quiet:
         click.echo(f"pushed to {url}")

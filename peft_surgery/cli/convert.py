@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from ..convert import convert
-from .common import allow_pickle_option, echo_json, handle_errors, json_option, output_option, overwrite_option, \
-    quiet_option
+from .common import allow_pickle_option, echo_json, handle_errors, hub_options, json_option, maybe_push, \
+    output_option, overwrite_option, quiet_option
 
 
 @click.command("convert")
@@ -25,9 +25,10 @@ from .common import allow_pickle_option, echo_json, handle_errors, json_option, 
 @allow_pickle_option
 @json_option
 @quiet_option
+@hub_options
 @handle_errors
 def convert_cmd(input_path, to_format, from_format, to_type, base, arch, rank, energy, skip_unresolved, output,
-                overwrite, allow_pickle, as_json, quiet):
+                overwrite, allow_pickle, as_json, quiet, push_to_hub, private, commit_message):
     """Convert an adapter between formats (and adapter types).
 
     \b
@@ -42,6 +43,8 @@ def convert_cmd(input_path, to_format, from_format, to_type, base, arch, rank, e
         echo_json(report.to_dict())
     elif not quiet:
         click.echo(report.to_text())
+    maybe_push(output, push_to_hub, private=private, commit_message=commit_message, report=report, kind="adapter",
+               quiet=quiet or as_json)
 
 
 commands = [convert_cmd]
