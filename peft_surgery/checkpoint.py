@@ -129,6 +129,21 @@ def split_revision(location: str) -> tuple[str, str | None]:
     return location, None
 
 
+HF_URL_RE = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+(?:@(?:refs/pr/\d+|[\w.\-]+))?)(?:/(?P<path>.*))?$")
+
+
+def parse_hf_url(location: str) -> tuple[str, str | None] | None:
+    """``hf://org/name[@rev][/path/in/repo]`` → (``org/name[@rev]``, path or None); None for anything else.
+
+    >>> parse_hf_url("hf://org/pipe@v2/unet")
+    ('org/pipe@v2', 'unet')
+    """
+    m = HF_URL_RE.match(location)
+    if not m:
+        return None
+    return m.group("repo"), (m.group("path") or "").strip("/") or None
+
+
 HUB_ALLOW_PATTERNS = [
     "*.safetensors",
     "*.safetensors.index.json",
@@ -154,6 +169,15 @@ def resolve_location(
     honours ``HF_HUB_OFFLINE`` and the local cache.
     """
     loc = str(location)
+    hf = parse_hf_url(loc)
+    if hf is not None:
+        # hf://org/name[@rev]/path: a sub-folder, or a single weight file, inside a Hub repo
+        repo, path = hf
+        if path and path.endswith((SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES)):
+            return resolve_location(repo, revision=revision, allow_patterns=[path], allow_pickle=allow_pickle) / path
+        sub = "/".join(x for x in (path, subfolder) if x) or None
+        return resolve_location(repo, subfolder=sub, revision=revision, allow_patterns=allow_patterns,
+                                allow_pickle=allow_pickle)
     p = Path(loc).expanduser()
     if p.exists():
         return p / subfolder if subfolder else p
@@ -668,6 +692,7 @@ __all__ = [
     "copy_side_files",
     "is_hub_id",
     "load_checkpoint",
+    "parse_hf_url",
     "parse_size",
     "read_safetensors_header",
     "resolve_location",

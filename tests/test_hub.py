@@ -111,6 +111,24 @@ def test_offline_cache_revisions_and_subfolder(tmp_path, hub_cache):
     assert torch.equal(sub.get_tensor(key), v2)
 
 
+def test_hf_url_subfolder_and_single_file(tmp_path, hub_cache):
+    """hf://org/name[@rev]/path selects a sub-folder or one weight file of a repo (every command gets it)."""
+    from safetensors.torch import save_file
+
+    repo = tmp_path / "loras"
+    (repo / "styles").mkdir(parents=True)
+    save_file({"a": torch.ones(2)}, str(repo / "one.safetensors"))
+    save_file({"b": torch.zeros(3)}, str(repo / "two.safetensors"))
+    save_file({"c": torch.full((4,), 2.0)}, str(repo / "styles" / "model.safetensors"))
+    populate_hub_cache(hub_cache, "org/loras", repo)
+    assert list(Checkpoint.open("hf://org/loras/two.safetensors").keys()) == ["b"]
+    assert list(Checkpoint.open("hf://org/loras@main/one.safetensors").keys()) == ["a"]
+    assert torch.equal(Checkpoint.open("hf://org/loras/styles").get_tensor("c"), torch.full((4,), 2.0))
+    assert list(Checkpoint.open("hf://org/loras", subfolder="styles").keys()) == ["c"]
+    with pytest.raises(SurgeryError, match="hf://org/loras/missing.safetensors|org/loras"):
+        Checkpoint.open("hf://org/loras/missing.safetensors")
+
+
 def test_offline_missing_repo_is_one_clear_error(hub_cache):
     with pytest.raises(SurgeryError) as ei:
         Checkpoint.open("org/not-cached")
