@@ -23,7 +23,18 @@ allow_pickle_option = click.option(
     "--allow-pickle", is_flag=True, help="Allow legacy .bin/.pt pickles (loaded with torch.load(weights_only=True))."
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars or tables; errors only.")
+def _quiet_callback(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:  # also silence huggingface_hub's download/upload progress bars
+        try:
+            from huggingface_hub.utils import disable_progress_bars
+        except ImportError:  # pragma: no cover
+            return value
+        disable_progress_bars()
+    return value
+
+
+quiet_option = click.option("-q", "--quiet", is_flag=True, callback=_quiet_callback,
+                            help="No progress bars or tables; errors only.")
 device_option = click.option(
     "--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (GPU when present)."
 )

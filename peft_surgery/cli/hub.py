@@ -51,10 +51,6 @@ def push_cmd(output, repo_id, private, commit_message, dry_run, kind, base_model
             raise SurgeryError(f"not a JSON report ({exc.msg} at line {exc.lineno})", path=report_path) from None
         if not isinstance(report, dict):
             raise SurgeryError("not a JSON report object", path=report_path)
-    if quiet:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
     result = push_folder(output, repo_id, private=private, commit_message=commit_message, report=report,
                          kind=None if kind == "auto" else kind, base_model=base_model, command=produced_by,
                          dry_run=dry_run, card=not no_card)
