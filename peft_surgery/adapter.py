@@ -168,6 +168,9 @@ class AdapterModule:
     alpha: float | None = None  # how the source expressed the scale (hint for writers)
     rslora: bool = False  # scale = alpha/√r in the source
     bias_scaled: bool = True  # whether ``bias`` is multiplied by ``scale`` (PEFT lora_B.bias) or added as is
+    # DoRA normalisation axis: "out" = per output row (PEFT, LyCORIS wd_on_out), "in" = per input column
+    # (legacy LyCORIS ``dora_scale`` of shape (1, in)); ``magnitude`` then has ``in`` elements.
+    magnitude_axis: str = "out"
 
     @property
     def kind(self) -> str:
@@ -227,7 +230,11 @@ class AdapterModule:
         if base_weight is None:
             raise ValueError("a DoRA module needs the base weight to compute ΔW")
         w = self.from_stored(base_weight.to(d.dtype))
-        merged = _delta.dora_weight(w, d, self.magnitude.to(d.dtype))
+        if self.magnitude_axis == "in":
+            # normalise per input column: DoRA on the transposed weight
+            merged = _delta.dora_weight(w.transpose(0, 1), d.transpose(0, 1), self.magnitude.to(d.dtype)).transpose(0, 1)
+        else:
+            merged = _delta.dora_weight(w, d, self.magnitude.to(d.dtype))
         return self.to_stored(merged - w)
 
     def bias_delta(self) -> Tensor | None:
