@@ -400,6 +400,9 @@ def state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
 def _peft_magnitude(m: AdapterModule) -> torch.Tensor:
     mag = m.magnitude
     assert mag is not None
+    if getattr(m, "magnitude_axis", "out") != "out":
+        raise SurgeryError("PEFT's DoRA normalises per output row, but this module's DoRA magnitude is per input "
+                           "column (legacy LyCORIS dora_scale of shape (1, in)); it cannot be written exactly")
     if m.layout.kind == "conv":
         ndim = len(m.layout.weight_shape) if m.layout.weight_shape else 4
         shape = (1, mag.numel(), *([1] * (ndim - 2)))
@@ -409,8 +412,23 @@ def _peft_magnitude(m: AdapterModule) -> torch.Tensor:
 
 def write(adapter: Adapter, folder: Path, *, base_model: str | None = None, **_: Any) -> list[str]:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``folder``."""
-    cfg = build_config(adapter, base_model=base_model)
     notes = []
+    # A diffusion adapter with component-prefixed names (unet., text_encoder., ...): a PEFT adapter's base model
+    # is one component, so strip the prefix, or write one sub-folder per component.
+    from .arch import diffusion_components
+
+    parts = diffusion_components(adapter)
+    if parts is not None:
+        if len(parts) > 1:
+            for comp, sub in parts.items():
+                (folder / comp).mkdir()
+                notes += [f"{comp}: {n}" for n in write(sub, folder / comp, base_model=base_model)]
+            notes.append(f"PEFT adapters cannot span model components: wrote one PEFT adapter per component in "
+                         f"sub-folders {', '.join(c + '/' for c in parts)}")
+            return notes
+        comp, adapter = next(iter(parts.items()))
+        notes.append(f"stripped the '{comp}.' prefix from module names: the PEFT adapter's base model is the {comp}")
+    cfg = build_config(adapter, base_model=base_model)
     if str(adapter.config.get("peft_type", "")).upper() and cfg is not adapter.config and adapter.config \
             and not config_matches(adapter, adapter.config):
         notes.append("ranks/scales changed: wrote a new r/alpha with rank_pattern/alpha_pattern")
