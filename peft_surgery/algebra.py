@@ -147,7 +147,7 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit="tensor", leave=False)
+    return tqdm(iterable, total=total, desc=desc, unit="module", leave=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -485,12 +485,12 @@ def combine_adapters(adapters: Sequence[Adapter], weights: Sequence[float] | Non
                                "a larger rank cannot add information")
     report = CombineReport(title=f"combine {len(adapters)} adapters ({method})", method=method,
                            adapters=list(sources), weights=w)
+    for n in names:  # validate everything before any compute
+        _combine.check_compatible(n, [ad.modules.get(n) for ad in adapters], sources)
     modules: dict[str, AdapterModule] = {}
     dense = 0
-    it = _progress(names, len(names), f"combine ({method})", progress)
-    for n in it:
+    for n in _progress(names, len(names), f"combine ({method})", progress):
         mods = [ad.modules.get(n) for ad in adapters]
-        _combine.check_compatible(n, mods, sources)
         out, info = _combine.combine_modules(mods, w, method, name=n, rank=rank, energy=energy, density=density,
                                              seed=seed, majority=majority)  # type: ignore[arg-type]
         modules[n] = out
