@@ -299,9 +299,9 @@ def init_adapter(
     plan, base_name = _shard_plan(ckpt)
     inputs = [ckpt.root] if ckpt.is_pickle or ckpt.index is not None or Path(str(base)).is_dir() else list(ckpt.files)
     keys = _ordered_keys(ckpt)
-    bar = _progress(len(targets), progress, f"{method}")
     sq = {"w": 0.0, "recon": 0.0, "q_lora": 0.0, "q_pissa": 0.0}
-    with atomic_output(output, is_dir=True, inputs=inputs, overwrite=overwrite) as tmp:
+    with atomic_output(output, is_dir=True, inputs=inputs, overwrite=overwrite) as tmp, \
+            _progress(len(targets), progress, method) as bar:
         res_dir = tmp / "residual"
         res_dir.mkdir()
         writer = ShardedWriter(res_dir, base_name=base_name, metadata=ckpt.metadata or None, plan=plan)
@@ -352,7 +352,6 @@ def init_adapter(
             modules[module] = AdapterModule(LoRA(down=down.cpu().contiguous(), up=up.cpu().contiguous()),
                                             scale=scale, layout=layout, alpha=alpha, rslora=rslora)
             bar.update(1)
-        bar.close()
         if nf4 is not None:
             nf4.write_residual(ckpt, quant_out, res_dir, plan=plan, base_name=base_name)
         else:
@@ -438,7 +437,8 @@ def _fill_totals(report: InitReport, sq: dict[str, float], modules: dict[str, Ad
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, unit="module")
+    # leave=False: the bar is erased when closed, so an error message stands alone on its line
+    return tqdm(total=total, desc=desc, disable=not enabled, unit="module", leave=False)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -501,6 +501,27 @@ def _load_lora(location: str | os.PathLike, *, allow_pickle: bool, what: str) ->
             raise SurgeryError(f"{what} module is DoRA; PiSSA/OLoRA conversion is defined for plain LoRA only",
                                path=location, tensor=name)
     return adapter
+
+
+def _convert_module(name: str, m: AdapterModule, initial: tuple[Tensor, Tensor, float], new_cfg: dict[str, Any],
+                    rslora: bool, rank: int | None, device: str) -> tuple[AdapterModule, dict[str, Any]]:
+    from .formats.peft import resolve_rank_alpha
+
+    up0, down0, s0 = initial
+    # ΔW = s·B·A − s0·B0·A0; fold s0/s into B0 (exactly 1 in PEFT's setting, where both scales agree).
+    ratio = s0 / m.scale
+    up, down = _init.to_lora((m.delta.up, m.delta.down), (up0 * ratio if ratio != 1 else up0, down0))
+    dt = m.delta.up.dtype
+    row: dict[str, Any] = {"module": name, "rank_in": m.rank, "rank_out": 2 * m.rank}
+    if rank is None:
+        r_new, a_new = resolve_rank_alpha(new_cfg, name)
+        return m.replace(delta=LoRA(down=down.to(dt), up=up.to(dt)), scale=rank_scale(a_new, r_new, rslora),
+                         alpha=a_new, rslora=rslora), row
+    nu, nd, err = _init.recompress(up.to(device), down.to(device), rank, m.scale)
+    k = int(nd.shape[0])
+    row.update({"rank_out": k, "recompress_error": err})
+    return m.replace(delta=LoRA(down=nd.cpu().to(dt), up=nu.cpu().to(dt)), scale=1.0, alpha=float(k),
+                     rslora=False), row
 
 
 def to_lora(
@@ -597,33 +618,15 @@ def to_lora(
         new_cfg["alpha_pattern"] = {k: 2 * v for k, v in (cfg.get("alpha_pattern") or {}).items()}
     else:
         new_cfg.update({"r": rank, "lora_alpha": rank, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}})
-    from .formats.peft import resolve_rank_alpha
-
     modules: dict[str, AdapterModule] = {}
-    bar = _progress(len(tr.modules), progress, "to-lora")
     max_err = 0.0
-    for name, m in tr.items():
-        up0, down0, s0 = initial_factors[name]
-        # ΔW = s·B·A − s0·B0·A0; fold s0/s into B0 (1 in PEFT's setting, where both scales agree).
-        ratio = s0 / m.scale
-        up, down = _init.to_lora((m.delta.up, m.delta.down), (up0 * ratio if ratio != 1 else up0, down0))
-        dt = m.delta.up.dtype
-        row: dict[str, Any] = {"module": name, "rank_in": m.rank, "rank_out": 2 * m.rank}
-        if rank is None:
-            r_new, a_new = resolve_rank_alpha(new_cfg, name)
-            new_m = m.replace(delta=LoRA(down=down.to(dt), up=up.to(dt)),
-                              scale=rank_scale(a_new, r_new, rslora), alpha=a_new, rslora=rslora)
-        else:
-            nu, nd, err = _init.recompress(up.to(device), down.to(device), rank, m.scale)
-            k = int(nd.shape[0])
-            row.update({"rank_out": k, "recompress_error": err})
-            max_err = max(max_err, err)
-            new_m = m.replace(delta=LoRA(down=nd.cpu().to(dt), up=nu.cpu().to(dt)), scale=1.0, alpha=float(k),
-                              rslora=False)
-        modules[name] = new_m
-        report.rows.append(row)
-        bar.update(1)
-    bar.close()
+    with _progress(len(tr.modules), progress, "to-lora") as bar:
+        for name, m in tr.items():
+            new_m, row = _convert_module(name, m, initial_factors[name], new_cfg, rslora, rank, device)
+            modules[name] = new_m
+            report.rows.append(row)
+            max_err = max(max_err, row.get("recompress_error", 0.0))
+            bar.update(1)
     out_ad = tr.copy(modules=modules, config=new_cfg)
     from .formats import save_adapter
 
