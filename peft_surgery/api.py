@@ -17,6 +17,7 @@ from .adapter import Adapter
 from .checkpoint import Checkpoint
 
 if TYPE_CHECKING:  # imported lazily at call time: keeps `import peft_surgery.api` light
+    from .algebra import CombineReport, MergeReport
     from .convert import ConvertReport
     from .hub import PushResult
     from .initialize import InitReport
@@ -136,6 +137,57 @@ def init_pissa(base: PathLike, output: PathLike, *, rank: int = 16, method: str 
                         niter=niter, quantize=quantize, device=device, overwrite=overwrite, **options)
 
 
+def merge(base: PathLike, adapters: Adapter | PathLike | Sequence[Adapter | PathLike], output: PathLike, *,
+          weights: Sequence[float] | None = None, device: str = "cpu", overwrite: bool = False,
+          allow_pickle: bool = False) -> "MergeReport":
+    """Merge adapters (each with its weight, in order) into ``base``; write a checkpoint laid out like the base.
+
+    Streams one tensor at a time; keeps the base's shards, dtypes, metadata and side files. Same as
+    ``peft-surgery merge``; returns the per-tensor report.
+
+    >>> import tempfile, torch, peft_surgery as ps
+    >>> from safetensors.torch import save_file
+    >>> tmp = tempfile.mkdtemp()
+    >>> save_file({"model.layers.0.mlp.up_proj.weight": torch.zeros(4, 4)}, f"{tmp}/base.safetensors")
+    >>> lora = ps.AdapterModule(ps.LoRA(torch.ones(1, 4), torch.ones(4, 1)), scale=0.5)
+    >>> report = ps.merge(f"{tmp}/base.safetensors", ps.Adapter({"model.layers.0.mlp.up_proj": lora}),
+    ...                   f"{tmp}/merged.safetensors", weights=[2.0])
+    >>> ps.load_checkpoint(f"{tmp}/merged.safetensors")["model.layers.0.mlp.up_proj.weight"][0]  # 2 · 0.5 · 1
+    tensor([1., 1., 1., 1.])
+    """
+    from .algebra import merge as _merge
+
+    return _merge(base, adapters, output, weights=weights, device=device, overwrite=overwrite,
+                  allow_pickle=allow_pickle)
+
+
+def combine(adapters: Sequence[Adapter | PathLike], *, weights: Sequence[float] | None = None,
+            method: str = "stack", rank: int | None = None, energy: float | None = None, density: float = 0.5,
+            seed: int = 0, allow_pickle: bool = False) -> "tuple[Adapter, CombineReport]":
+    """Combine adapters (paths, Hub ids or :class:`Adapter` objects) into one, in memory.
+
+    ``method``: ``stack`` (exact: ranks add up), ``svd``/``linear`` (optimal rank-``rank`` approximation of
+    Σ wᵢ·ΔWᵢ), ``ties``, ``dare``, ``dare_ties``. Returns ``(adapter, report)``; save with ``adapter.save(...)``.
+    Same as ``peft-surgery combine``.
+
+    >>> import torch, peft_surgery as ps
+    >>> g = torch.Generator().manual_seed(0)
+    >>> def lora(): return ps.AdapterModule(ps.LoRA(torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g)))
+    >>> a, b = ps.Adapter({"fc": lora()}), ps.Adapter({"fc": lora()})
+    >>> ab, report = ps.combine([a, b], weights=[1.0, 0.5])
+    >>> ab.ranks()
+    {'fc': 4}
+    >>> exact = a["fc"].delta_weight() + 0.5 * b["fc"].delta_weight()
+    >>> torch.allclose(ab["fc"].delta_weight(), exact, atol=1e-6)
+    True
+    """
+    from .algebra import _load_all, combine_adapters
+
+    ads, sources = _load_all(list(adapters), allow_pickle)
+    return combine_adapters(ads, weights, method=method, rank=rank, energy=energy, density=density, seed=seed,
+                            sources=sources)
+
+
 def push_to_hub(path: PathLike, repo_id: str, *, private: bool = False, commit_message: str | None = None,
                 report: Any = None, command: str | None = None, base_model: str | None = None,
                 dry_run: bool = False, **options: Any) -> "PushResult":
@@ -166,4 +218,5 @@ def push_to_hub(path: PathLike, repo_id: str, *, private: bool = False, commit_m
                        command=command, base_model=base_model, dry_run=dry_run, **options)
 
 
-__all__ = ["convert", "init_pissa", "load_adapter", "load_checkpoint", "push_to_hub", "save_adapter"]
+__all__ = ["combine", "convert", "init_pissa", "load_adapter", "load_checkpoint", "merge", "push_to_hub",
+           "save_adapter"]
