@@ -329,6 +329,10 @@ def build_config(adapter: Adapter, *, base_model: str | None = None) -> dict[str
         if ptype == "LOKR":
             cfg["decompose_both"] = any(m.delta.w1a is not None for m in adapter.modules.values())
             cfg.setdefault("decompose_factor", -1)
+            if all(m.delta.w1 is not None and m.delta.w1.shape[0] == m.delta.w1.shape[1] == 1
+                   for m in adapter.modules.values()):
+                # LoRA → LoKr (kron([[1]], B@A)): PEFT builds a 1×1 w1 only with decompose_factor = 1
+                cfg["decompose_factor"] = 1
         cfg["use_effective_conv2d"] = any(
             getattr(m.delta, "t1", None) is not None or getattr(m.delta, "t2", None) is not None
             for m in adapter.modules.values())

@@ -24,6 +24,7 @@ Frobenius error computed from the exact spectrum.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -84,10 +85,13 @@ def lora_to_lokr(d: LoRA) -> LoKr:
     if d.mid is not None:
         # lokr_t2 uses the transposed Tucker layout: w2a (r, out), w2b (r, in).
         return LoKr(w1=w1, w2a=up2.T.contiguous(), w2b=d.down.reshape(r, -1).contiguous(), t2=d.mid)
-    if d.down.dim() > 2:
-        # Keep the kernel in w2b: PEFT's non-CP conv LoKr stores w2b as (r, in·kh·kw).
-        return LoKr(w1=w1, w2a=up2.contiguous(), w2b=d.down.reshape(r, -1).contiguous())
-    return LoKr(w1=w1, w2a=up2.contiguous(), w2b=d.down.contiguous())
+    down2 = d.down.reshape(r, -1)
+    if 2 * r >= max(up2.shape[0], d.down.shape[1]):
+        # PEFT keeps w2 full when r ≥ max(out, in)/2: store the product (exact up to one matmul rounding).
+        w2 = d.product()
+        return LoKr(w1=w1, w2=w2.to(d.down.dtype).contiguous())
+    # A conv keeps its kernel in w2b: PEFT's non-CP conv LoKr stores w2b as (r, in·kh·kw).
+    return LoKr(w1=w1, w2a=up2.contiguous(), w2b=down2.contiguous())
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -166,7 +170,8 @@ def product_svd(m: AdapterModule) -> tuple[linalg.SVD, str, int]:
         out, inn = up.shape[0], down.shape[1]
         k = up.shape[1]
         if k < min(out, inn):
-            return linalg.factored_svd([up], [down]), "factored", k
+            # float64 keeps the small spectrum accurate (the cost is O((out+in)·k²), tiny next to a dense SVD)
+            return linalg.factored_svd([up.double()], [down.double()]), "factored", k
     dense = d.product(m.layout.math_shape() if not isinstance(d, LoRA) else None)
     dense = dense.reshape(dense.shape[0], -1)
     return linalg.exact_svd(dense), "dense", min(dense.shape)
@@ -207,6 +212,13 @@ def _lora_from_svd(m: AdapterModule, svd: linalg.SVD, rank: int) -> LoRA:
     return LoRA(down=down.contiguous(), up=up.contiguous())
 
 
+def tail_error(svd: linalg.SVD, rank: int) -> float:
+    """‖M − M_k‖_F / ‖M‖_F from the discarded singular values (no cancellation, unlike total − kept)."""
+    s2 = svd.S.double() ** 2
+    total = float(s2.sum())
+    return math.sqrt(float(s2[rank:].sum()) / total) if total > 0 else 0.0
+
+
 def to_lora(m: AdapterModule, *, rank: int | None = None, energy: float | None = None) -> tuple[AdapterModule, dict]:
     """Convert one module to LoRA. Returns the new module and its report row."""
     svd, method, k_fact = product_svd(m)
@@ -216,7 +228,7 @@ def to_lora(m: AdapterModule, *, rank: int | None = None, energy: float | None =
     else:
         new_rank = linalg.select_rank(svd, rank=rank, energy=energy)
     new_rank = max(min(new_rank, svd.rank), 1)
-    err = svd.relative_error(new_rank)
+    err = tail_error(svd, new_rank)
     lora = _lora_from_svd(m, svd, new_rank)
     exact = new_rank >= _numerical_rank(svd.S, out, inn)
     new = m.replace(delta=lora, alpha=None, rslora=False)
