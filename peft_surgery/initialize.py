@@ -627,7 +627,11 @@ def to_lora(
             report.rows.append(row)
             max_err = max(max_err, row.get("recompress_error", 0.0))
             bar.update(1)
-    out_ad = tr.copy(modules=modules, config=new_cfg)
+    # The plain LoRA applies to the original BASE, not to the residual the trained adapter was loaded on.
+    original = str(base) if base is not None else side.get("base")
+    if original:
+        new_cfg["base_model_name_or_path"] = original
+    out_ad = tr.copy(modules=modules, config=new_cfg, base_model=original or tr.base_model)
     from .formats import save_adapter
 
     inputs = [p for p in (trained, initial, base) if p is not None]
