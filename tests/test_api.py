@@ -1,10 +1,9 @@
-"""The library API: doctests, lazy package import, and the README's Python example run verbatim."""
+"""The library API: doctests, annotations, lazy package import (the README example is in test_readme.py)."""
 
 from __future__ import annotations
 
 import doctest
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MARKER = "<!-- readme-example -->"
 
 
 def _run_doctests(module) -> None:
@@ -79,25 +77,3 @@ def test_package_import_is_lazy_and_names_resolve():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
-
-
-def readme_example() -> tuple[str, str]:
-    """The ```python block right after the readme-example marker: README.md first, else docs/readme/api.md."""
-    for src in (REPO / "README.md", REPO / "docs" / "readme" / "api.md"):
-        if src.exists() and MARKER in src.read_text():
-            text = src.read_text()
-            m = re.search(re.escape(MARKER) + r"\s*\n```python\n(.*?)\n```", text, re.S)
-            assert m, f"{src.name}: the marker must be followed by a ```python block"
-            return m.group(1), src.name
-    pytest.fail("no readme-example marker in README.md or docs/readme/api.md")
-
-
-def test_readme_python_example_runs_verbatim(tmp_path):
-    code, source = readme_example()
-    script = tmp_path / "example.py"
-    script.write_text(code + "\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, env=env,
-                         timeout=300)
-    assert res.returncode == 0, f"{source} example failed:\n{res.stdout}\n{res.stderr}"
-    assert res.stdout.strip(), "the example should print its results"
