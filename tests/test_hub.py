@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -265,6 +266,28 @@ def test_cli_push_and_dry_run(tmp_path, online):
     assert b"Reviewed." in online.repos["me/dry"]["files"]["README.md"]
 
 
+def test_convert_push_to_hub_records_the_command(tmp_path, online, monkeypatch):
+    """A writing command with --push-to-hub uploads its output; the card holds the exact (quoted) command."""
+    import sys
+
+    src = _peft_folder(tmp_path, "in put")
+    out = tmp_path / "out dir"
+    argv = ["peft-surgery", "convert", str(src), "--to", "peft", "-o", str(out), "--push-to-hub", "me/conv",
+            "--private", "--commit-message", "converted"]
+    monkeypatch.setattr(sys, "argv", argv)
+    res = CliRunner().invoke(cli, argv[1:])
+    assert res.exit_code == 0, res.output
+    assert f"pushed to {online.url}/me/conv" in res.output
+    repo = online.repos["me/conv"]
+    assert repo["visibility"] == "private" and repo["commits"][-1]["summary"] == "converted"
+    card = repo["files"]["README.md"].decode()
+    import shlex
+
+    assert shlex.join(argv) in card and shlex.split(shlex.join(argv)) == argv
+    assert parse_front_matter(card)["library_name"] == "peft"
+    assert repo["files"]["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
+
+
 def test_push_errors_are_one_line_and_send_nothing(tmp_path, online, monkeypatch):
     import huggingface_hub.constants as c
 
@@ -289,3 +312,63 @@ def test_push_errors_are_one_line_and_send_nothing(tmp_path, online, monkeypatch
     res = runner.invoke(cli, ["push", str(folder), "me/x"])
     assert res.exit_code == 2 and res.output.startswith("Error: me/x: upload failed") and \
         res.output.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# extract by repo id, offline (needs the extract command)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _low_rank_finetune(tmp_path: Path) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """A tiny Llama and a 'fine-tune' whose q_proj/v_proj changed by exact rank-2 updates."""
+    base_model = tiny_llama(seed=0)
+    base = save(base_model, tmp_path / "base-local")
+    ft_model = tiny_llama(seed=0)
+    g = torch.Generator().manual_seed(7)
+    deltas = {}
+    with torch.no_grad():
+        for name, mod in ft_model.named_modules():
+            if name.endswith(("q_proj", "v_proj")):
+                out_f, in_f = mod.weight.shape
+                d = 0.05 * torch.randn(out_f, 2, generator=g) @ torch.randn(2, in_f, generator=g)
+                mod.weight += d
+                deltas[name] = d
+    ft = save(ft_model, tmp_path / "ft-local")
+    return base, ft, deltas
+
+
+def test_cli_extract_by_repo_id_offline(tmp_path):
+    """`peft-surgery extract org/base org/ft --rank 4` from a populated cache, HF_HUB_OFFLINE=1, no network."""
+    pytest.importorskip("peft_surgery.extract")
+    import subprocess
+    import sys
+
+    from peft_surgery import load_adapter
+
+    base, ft, deltas = _low_rank_finetune(tmp_path)
+    cache = tmp_path / "hf" / "hub"
+    populate_hub_cache(cache, "org/base", base)
+    populate_hub_cache(cache, "org/ft", ft)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+           "HF_ENDPOINT": "http://127.0.0.1:9"}  # discard port: any request would fail
+    env.pop("HF_TOKEN", None)
+    exe = Path(sys.executable).with_name("peft-surgery")
+    cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "peft_surgery.cli.main"])]
+    res = subprocess.run([*cmd, "extract", "org/base", "org/ft", "--rank", "4", "-o", str(tmp_path / "out"),
+                          "--quiet"], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    adapter = load_adapter(tmp_path / "out")
+    assert {n for n in adapter.modules} >= set(deltas), sorted(adapter.modules)
+    for name, d in deltas.items():
+        got = adapter[name].delta_weight()
+        # the fine-tune's change is exactly rank 2 <= 4: extraction must reproduce it
+        assert torch.allclose(got, d, atol=1e-5 * float(d.abs().max()) + 1e-7), name
+    for name in set(adapter.modules) - set(deltas):
+        assert float(adapter[name].delta_weight().abs().max()) < 1e-6, name  # unchanged weights: ~zero delta
+    # same adapter as extracting from the local folders
+    res2 = subprocess.run([*cmd, "extract", str(base), str(ft), "--rank", "4", "-o", str(tmp_path / "out-local"),
+                           "--quiet"], capture_output=True, text=True, env=env, timeout=300)
+    assert res2.returncode == 0, res2.stderr
+    local = load_adapter(tmp_path / "out-local")
+    for name in deltas:
+        assert torch.equal(local[name].delta_weight(), adapter[name].delta_weight()), name
