@@ -48,6 +48,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "push_to_hub": (".api", "push_to_hub"),
     "merge": (".api", "merge"),
     "combine": (".api", "combine"),
+    "quantize_nf4": (".api", "quantize_nf4"),
 }
 # API functions whose names are also submodules: keep the function on the package when the submodule is imported.
 _SHADOWED = frozenset({"extract", "convert"})
@@ -84,7 +85,7 @@ sys.modules[__name__].__class__ = _Package
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .adapter import Adapter, AdapterModule, FullDiff, Layout, LoHa, LoKr, LoRA
     from .api import (combine, convert, init_pissa, load_adapter, load_checkpoint, merge, push_to_hub,
-                      save_adapter)
+                      quantize_nf4, save_adapter)
     from .checkpoint import Checkpoint
     from .errors import FormatError, NonFiniteError, OutputExistsError, ShapeMismatchError, SurgeryError
     from .report import Report

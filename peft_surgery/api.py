@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # imported lazily at call time: keeps `import peft_surgery.ap
     from .convert import ConvertReport
     from .hub import PushResult
     from .initialize import InitReport
+    from .quantize import QuantReport
 
 PathLike = str | os.PathLike
 
@@ -188,6 +189,34 @@ def combine(adapters: Sequence[Adapter | PathLike], *, weights: Sequence[float] 
                             sources=sources)
 
 
+def quantize_nf4(model: PathLike, output: PathLike, *, double_quant: bool = True, blocksize: int = 64,
+                 compute_dtype: str = "bf16", skip: Sequence[str] | None = None, device: str = "auto",
+                 error_report: bool = False, overwrite: bool = False, **options: Any) -> "QuantReport":
+    """Write an NF4 (bitsandbytes 4-bit) copy of a model checkpoint to the folder ``output``.
+
+    Linear weights get the exact layout ``bitsandbytes.nn.Linear4bit`` saves, plus a ``quantization_config``
+    in config.json, so transformers loads the result as a 4-bit model; embeddings, norms and heads stay as they
+    are. Streams one tensor at a time. ``error_report=True`` adds per-tensor errors (NF4 next to FP4/int4).
+    Same as ``peft-surgery quantize``.
+
+    >>> import tempfile, torch, peft_surgery as ps
+    >>> from safetensors.torch import save_file
+    >>> tmp = tempfile.mkdtemp()
+    >>> w = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    >>> save_file({"model.layers.0.mlp.up_proj.weight": w}, f"{tmp}/model.safetensors")
+    >>> report = ps.quantize_nf4(f"{tmp}/model.safetensors", f"{tmp}/nf4", device="cpu")
+    >>> report.totals["quantized_tensors"], round(report.totals["bits_per_param"], 2)
+    (1, 4.14)
+    >>> sorted(ps.load_checkpoint(f"{tmp}/nf4").keys())[:2]
+    ['model.layers.0.mlp.up_proj.weight', 'model.layers.0.mlp.up_proj.weight.absmax']
+    """
+    from .quantize import quantize_checkpoint
+
+    return quantize_checkpoint(model, output, quant_type="nf4", double_quant=double_quant, blocksize=blocksize,
+                               compute_dtype=compute_dtype, skip=skip, device=device, error_report=error_report,
+                               overwrite=overwrite, **options)
+
+
 def push_to_hub(path: PathLike, repo_id: str, *, private: bool = False, commit_message: str | None = None,
                 report: Any = None, command: str | None = None, base_model: str | None = None,
                 dry_run: bool = False, **options: Any) -> "PushResult":
@@ -219,4 +248,4 @@ def push_to_hub(path: PathLike, repo_id: str, *, private: bool = False, commit_m
 
 
 __all__ = ["combine", "convert", "init_pissa", "load_adapter", "load_checkpoint", "merge", "push_to_hub",
-           "save_adapter"]
+           "quantize_nf4", "save_adapter"]
