@@ -83,7 +83,7 @@ def resize_module(m: AdapterModule, *, rank: int | None = None, energy: float | 
 
 def dense_resize(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kohya-style baseline: full SVD of a materialised 2-D ΔW; returns (up, down, S)."""
-    U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    U, S, Vh = torch.linalg.svd(delta if delta.dtype == torch.float64 else delta.float(), full_matrices=False)
     return U[:, :rank] * S[:rank], Vh[:rank], S
 
 
