@@ -44,6 +44,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "load_checkpoint": (".api", "load_checkpoint"),
     "save_adapter": (".api", "save_adapter"),
     "convert": (".api", "convert"),
+    "extract": (".api", "extract"),
     "init_pissa": (".api", "init_pissa"),
     "push_to_hub": (".api", "push_to_hub"),
     "merge": (".api", "merge"),
@@ -84,7 +85,7 @@ sys.modules[__name__].__class__ = _Package
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .adapter import Adapter, AdapterModule, FullDiff, Layout, LoHa, LoKr, LoRA
-    from .api import (combine, convert, init_pissa, load_adapter, load_checkpoint, merge, push_to_hub,
+    from .api import (combine, convert, extract, init_pissa, load_adapter, load_checkpoint, merge, push_to_hub,
                       quantize_nf4, save_adapter)
     from .checkpoint import Checkpoint
     from .errors import FormatError, NonFiniteError, OutputExistsError, ShapeMismatchError, SurgeryError

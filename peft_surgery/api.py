@@ -19,6 +19,7 @@ from .checkpoint import Checkpoint
 if TYPE_CHECKING:  # imported lazily at call time: keeps `import peft_surgery.api` light
     from .algebra import CombineReport, MergeReport
     from .convert import ConvertReport
+    from .extract import ExtractReport
     from .hub import PushResult
     from .initialize import InitReport
     from .quantize import QuantReport
@@ -85,6 +86,38 @@ def save_adapter(adapter: Adapter, path: PathLike, *, format: str = "peft", over
     from .formats import save_adapter as _save
 
     return _save(adapter, path, format=format, overwrite=overwrite, **writer_options)
+
+
+def extract(base: PathLike | Checkpoint, finetuned: PathLike | Checkpoint, *, rank: int | None = None,
+            energy: float | None = None, output: PathLike | None = None, format: str = "peft",
+            device: str = "auto", overwrite: bool = False, **options: Any) -> "tuple[Adapter, ExtractReport]":
+    """Extract a LoRA approximating ``finetuned − base``: the optimal rank-``rank`` (Eckart–Young) factors.
+
+    Give one of ``rank`` (default 16), ``energy``, ``sv_ratio``, ``param_budget`` or ``size``; other options
+    (``svd=``, ``alpha=``, ``include=``, ``exclude=``, ...) are those of ``peft-surgery extract``. Returns
+    ``(adapter, report)``, the report holding each module's relative error ‖ΔW − BA‖/‖ΔW‖. With ``output``
+    the adapter is also written (in ``format``).
+
+    >>> import tempfile, torch, peft_surgery as ps
+    >>> from safetensors.torch import save_file
+    >>> tmp = tempfile.mkdtemp()
+    >>> g = torch.Generator().manual_seed(0)
+    >>> w = torch.randn(32, 32, generator=g)
+    >>> update = 0.1 * torch.randn(32, 2, generator=g) @ torch.randn(2, 32, generator=g)  # a rank-2 fine-tune
+    >>> save_file({"model.layers.0.self_attn.q_proj.weight": w}, f"{tmp}/base.safetensors")
+    >>> save_file({"model.layers.0.self_attn.q_proj.weight": w + update}, f"{tmp}/ft.safetensors")
+    >>> adapter, report = ps.extract(f"{tmp}/base.safetensors", f"{tmp}/ft.safetensors", rank=4, device="cpu")
+    >>> adapter.ranks()
+    {'model.layers.0.self_attn.q_proj': 4}
+    >>> report.totals["max_rel_error"] < 1e-5  # rank 4 ≥ the update's rank 2: recovered exactly
+    True
+    >>> torch.allclose(adapter["model.layers.0.self_attn.q_proj"].delta_weight(), update, atol=1e-5)
+    True
+    """
+    from .extract import extract as _extract
+
+    return _extract(base, finetuned, output, format=format, overwrite=overwrite, rank=rank, energy=energy,
+                    device=device, **options)
 
 
 def convert(adapter_or_path: Adapter | PathLike, output: PathLike, *, to: str = "peft", from_format: str = "auto",
@@ -247,5 +280,5 @@ def push_to_hub(path: PathLike, repo_id: str, *, private: bool = False, commit_m
                        command=command, base_model=base_model, dry_run=dry_run, **options)
 
 
-__all__ = ["combine", "convert", "init_pissa", "load_adapter", "load_checkpoint", "merge", "push_to_hub",
+__all__ = ["combine", "convert", "extract", "init_pissa", "load_adapter", "load_checkpoint", "merge", "push_to_hub",
            "quantize_nf4", "save_adapter"]
