@@ -12,8 +12,8 @@ from peft_surgery import __version__
 from peft_surgery.cli import common
 from peft_surgery.cli.main import cli
 
-# Commands that upload or only read: no -o/--output. Everything else writes a result.
-NO_OUTPUT = {"inspect", "push"}
+# Commands that upload, or only read and report: no -o/--output. Everything else writes an adapter or model.
+NO_OUTPUT = {"inspect", "push", "quant-error"}
 # Commands that read no checkpoint/adapter tensors (push uploads a folder as bytes).
 NO_CHECKPOINT_INPUT = {"push"}
 
