@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -41,6 +42,10 @@ from .surgery import init as _init
 from .surgery.delta import rank_scale
 
 INIT_SIDE_FILE = "peft_surgery_init.json"
+# NF4 settings for --quantize: transformers/QLoRA defaults (blocksize 64, double quantization)
+NF4_BLOCKSIZE = 64
+NF4_DOUBLE_QUANT = True
+COMPUTE_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 SUPPORTED_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # --------------------------------------------------------------------------------------------------------
@@ -288,7 +293,9 @@ def init_adapter(
                            "cannot hold; target them in separate runs", path=ckpt.source)
     fan_in_fan_out = fifo_flags.pop()
 
-    nf4 = _nf4_backend() if quantize == "nf4" else None
+    quantizer = _nf4_quantizer() if quantize == "nf4" else None
+    if quantizer is not None:
+        _checkpoint_quantizer()  # fail before any work when this build cannot store the residual in NF4
     dev = torch.device(device)
     target_set = set(targets)
     modules: dict[str, AdapterModule] = {}
@@ -302,18 +309,15 @@ def init_adapter(
     sq = {"w": 0.0, "recon": 0.0, "q_lora": 0.0, "q_pissa": 0.0}
     with atomic_output(output, is_dir=True, inputs=inputs, overwrite=overwrite) as tmp, \
             _progress(len(targets), progress, method) as bar:
-        res_dir = tmp / "residual"
+        # With --quantize the full-precision residual is an intermediate, quantized into residual/ at the end.
+        res_dir = tmp / (".residual-full" if quantizer is not None else "residual")
         res_dir.mkdir()
         writer = ShardedWriter(res_dir, base_name=base_name, metadata=ckpt.metadata or None, plan=plan)
-        quant_out: dict[str, Tensor] = {}
         for key in keys:
             t = ckpt.get_tensor(key)
             module = key[: -len(".weight")] if key.endswith(".weight") else None
             if module not in target_set:
-                if nf4 is not None:
-                    quant_out[key] = t
-                else:
-                    writer.add(key, t)
+                writer.add(key, t)
                 continue
             check_finite(t, path=ckpt.shard_of(key), tensor=key)
             W = t.to(dev)
@@ -328,9 +332,9 @@ def init_adapter(
             res_stored = (res_m.T if fan_in_fan_out else res_m).contiguous()
             # What a user gets back: stored residual + stored adapter, against the original W (fp32).
             Wf = Wm.to(torch.float32)
-            recon = res_m.float() + scale * (up.float() @ down.float())
+            delta = scale * (up.float() @ down.float())
             w_norm = _frob(Wf)
-            recon_err = _frob(recon - Wf)
+            recon_err = _frob(res_m.float() + delta - Wf)
             row: dict[str, Any] = {
                 "module": module,
                 "shape": "x".join(str(s) for s in Wm.shape),
@@ -339,27 +343,26 @@ def init_adapter(
             }
             sq["w"] += w_norm ** 2
             sq["recon"] += recon_err ** 2
-            if nf4 is not None:
-                q_rows = nf4.compare(Wf, res_m, up.float() @ down.float(), scale)
-                row.update(q_rows["row"])
-                sq["q_lora"] += q_rows["sq_lora"]
-                sq["q_pissa"] += q_rows["sq_pissa"]
-                quant_out[key] = res_stored.cpu()
-            else:
-                writer.add(key, res_stored.cpu())
+            if quantizer is not None:
+                # NF4 blocks run over the (out, in) layout: transformers transposes Conv1D weights before
+                # quantizing them into bitsandbytes Linear4bit layers, so math orientation is the stored one.
+                q = nf4_comparison(Wm, res_m, delta, quantizer)
+                sq["q_lora"] += q.pop("_sq_qlora")
+                sq["q_pissa"] += q.pop("_sq_qpissa")
+                row.update(q)
+            writer.add(key, res_stored.cpu())
             report.rows.append(row)
             layout = Layout("linear", fan_in_fan_out, tuple(t.shape))
             modules[module] = AdapterModule(LoRA(down=down.cpu().contiguous(), up=up.cpu().contiguous()),
                                             scale=scale, layout=layout, alpha=alpha, rslora=rslora)
             bar.update(1)
-        if nf4 is not None:
-            nf4.write_residual(ckpt, quant_out, res_dir, plan=plan, base_name=base_name)
-        else:
-            writer.close()
+        writer.close()
         if ckpt.root.is_dir() and (Path(str(base)).is_dir() or not Path(str(base)).exists()):
             copy_side_files(ckpt.root, res_dir)
-            if nf4 is not None:
-                nf4.patch_config(res_dir)
+        if quantizer is not None:
+            _quantize_residual(res_dir, tmp / "residual", device=device,
+                               compute_dtype=COMPUTE_DTYPE_NAMES.get(ckpt.dtype(targets[0] + ".weight"), "fp32"))
+            shutil.rmtree(res_dir)
 
         peft_cfg = _peft_config(targets_spec, targets, rank, alpha, rslora, fan_in_fan_out, config,
                                 base_model=str(Path(output) / "residual"))
@@ -372,7 +375,7 @@ def init_adapter(
                 "alpha": alpha, "rslora": rslora, "base": str(base), "quantize": quantize,
                 "init_lora_weights": _peft_init_name(method, niter)}
         write_json(tmp / "adapter" / INIT_SIDE_FILE, side)
-        _fill_totals(report, sq, modules, nf4 is not None)
+        _fill_totals(report, sq, modules, quantizer is not None)
         report.save_json(str(tmp / "report.json"))
     return report
 
@@ -442,21 +445,66 @@ def _progress(total: int, enabled: bool, desc: str):
 
 
 # --------------------------------------------------------------------------------------------------------
-# NF4 (QPiSSA) — uses peft_surgery.surgery.nf4 / peft_surgery.quantize when present
+# NF4 (QPiSSA): peft_surgery.surgery.nf4 for the error report, peft_surgery.quantize for the stored residual
 # --------------------------------------------------------------------------------------------------------
 
 
-def _nf4_backend():
+def _nf4_quantizer():
+    """(quantize, dequantize) from peft_surgery.surgery.nf4, or a clear error when this build lacks it."""
     try:
-        from .surgery import nf4 as _nf4  # noqa: F401
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.endswith("nf4"):
-            raise SurgeryError("--quantize nf4 needs the NF4 quantizer (peft_surgery.surgery.nf4), which is not "
-                               "available in this build") from None
-        raise
-    from . import _qpissa
+        from .surgery.nf4 import dequantize, quantize_nf4
+    except ImportError:
+        raise SurgeryError("--quantize nf4 needs the NF4 quantizer (peft_surgery.surgery.nf4), which is not "
+                           "available in this build") from None
+    return quantize_nf4, dequantize
 
-    return _qpissa
+
+def _nf4_roundtrip(t: Tensor, quantizer) -> Tensor:
+    quantize_nf4, dequantize = quantizer
+    packed, state = quantize_nf4(t, blocksize=NF4_BLOCKSIZE, double_quant=NF4_DOUBLE_QUANT)
+    return dequantize(packed, state, dtype=torch.float32)
+
+
+def nf4_comparison(W: Tensor, residual: Tensor, delta: Tensor, quantizer=None) -> dict[str, float]:
+    """QLoRA vs QPiSSA quantization error for one weight, all in (out, in) orientation as Linear4bit stores it.
+
+    QLoRA: ``E = W − nf4(W)``; QPiSSA: ``E = W − (nf4(W_res) + s·B·A)``. Returns the relative Frobenius errors,
+    ``error_reduction`` = 1 − qpissa/qlora, and the PiSSA authors' nuclear-norm reduction
+    ``1 − ‖E_qpissa‖_* / ‖E_qlora‖_*``.
+    """
+    quantizer = quantizer or _nf4_quantizer()
+    Wf = W.float()
+    e_lora = Wf - _nf4_roundtrip(W, quantizer)
+    e_pissa = Wf - (_nf4_roundtrip(residual, quantizer) + delta.float())
+    w = _frob(Wf)
+    fl, fp = _frob(e_lora), _frob(e_pissa)
+    nl = float(torch.linalg.svdvals(e_lora).double().sum())
+    npi = float(torch.linalg.svdvals(e_pissa).double().sum())
+    return {
+        "qlora_error": _rel(fl, w),
+        "qpissa_error": _rel(fp, w),
+        "error_reduction": 1 - fp / fl if fl > 0 else 0.0,
+        "nuc_reduction": 1 - npi / nl if nl > 0 else 0.0,
+        "_sq_qlora": fl ** 2,
+        "_sq_qpissa": fp ** 2,
+    }
+
+
+def _checkpoint_quantizer():
+    try:
+        from .quantize import quantize_checkpoint
+    except ImportError:
+        raise SurgeryError("--quantize nf4 needs the checkpoint quantizer (peft_surgery.quantize), which is not "
+                           "available in this build") from None
+    return quantize_checkpoint
+
+
+def _quantize_residual(src: Path, dst: Path, *, device: str, compute_dtype: str) -> None:
+    """Write ``src`` (full-precision residual) NF4-quantized into ``dst`` with the checkpoint quantizer: every
+    linear layer as transformers' ``load_in_4bit`` would, the adapted ones holding their residual."""
+    quantize_checkpoint = _checkpoint_quantizer()
+    quantize_checkpoint(src, dst, quant_type="nf4", blocksize=NF4_BLOCKSIZE, double_quant=NF4_DOUBLE_QUANT,
+                        compute_dtype=compute_dtype, device=device)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -300,3 +300,80 @@ def test_gpu_matches_cpu(cuda_device, tmp_path, method):
     for k in ra.keys():
         assert rb.dtype(k) == torch.bfloat16 and rb.get_tensor(k).device.type == "cpu"
         torch.testing.assert_close(ra.get_tensor(k).float(), rb.get_tensor(k).float(), atol=2e-2, rtol=2e-2)
+
+
+# --------------------------------------------------------------------------------------------------------
+# QPiSSA error report (NF4 from peft_surgery.surgery.nf4)
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_nf4_comparison_math():
+    nf4 = pytest.importorskip("peft_surgery.surgery.nf4")
+    from peft_surgery.initialize import nf4_comparison
+    from peft_surgery.surgery.init import pissa
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 96, generator=g).to(torch.bfloat16)
+    f = pissa(W, 8, 1.0)
+    res = f.residual.to(torch.bfloat16)
+    q = nf4_comparison(W, res, f.up @ f.down)
+
+    def rt(t):
+        p, s = nf4.quantize_nf4(t, blocksize=64, double_quant=True)
+        return nf4.dequantize(p, s, dtype=torch.float32)
+
+    e_l = W.float() - rt(W)
+    e_p = W.float() - (rt(res) + f.up @ f.down)
+    assert q["qlora_error"] == pytest.approx(float(e_l.norm() / W.float().norm()), rel=1e-6)
+    assert q["qpissa_error"] == pytest.approx(float(e_p.norm() / W.float().norm()), rel=1e-6)
+    assert q["nuc_reduction"] == pytest.approx(1 - float(torch.linalg.svdvals(e_p).sum() /
+                                                         torch.linalg.svdvals(e_l).sum()), rel=1e-5)
+    assert 0.08 < q["qlora_error"] < 0.11  # NF4 on Gaussian weights: ≈ 0.092 (reference baseline)
+    # the residual has a smaller range than W, so its NF4 error is smaller: QPiSSA beats QLoRA
+    assert q["qpissa_error"] < q["qlora_error"] and q["error_reduction"] > 0.05
+
+
+def test_quantize_without_checkpoint_quantizer_is_a_clean_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "peft_surgery.quantize", None)  # a build without the quantizer
+    base = _write_base(tmp_path / "base", {"a.q_proj.weight": torch.randn(8, 8)})
+    r = run("init", "pissa", base, "-r", "2", "--target-modules", "q_proj", "--quantize", "nf4", "-o", tmp_path / "o")
+    _assert_clean_error(r, tmp_path / "o", "peft_surgery.quantize")
+
+
+def test_qpissa_stores_nf4_residual_and_reports_it(sharded_bf16, tmp_path):
+    nf4 = pytest.importorskip("peft_surgery.surgery.nf4")
+    pytest.importorskip("peft_surgery.quantize")
+    out = tmp_path / "q"
+    rep = init_adapter(sharded_bf16, out, method="pissa", rank=4, target_modules="q_proj,v_proj", quantize="nf4")
+    res = Checkpoint.open(out / "residual")
+    base = Checkpoint.open(sharded_bf16)
+    cfg = json.loads((out / "residual" / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["bnb_4bit_quant_type"] == "nf4" and qc["bnb_4bit_use_double_quant"] is True
+    assert qc["bnb_4bit_compute_dtype"] == "bfloat16"
+    # every linear layer is 4-bit (as transformers' load_in_4bit would have it), embeddings/head are not
+    qkeys = {k.split(".quant_state.")[0] for k in res.keys() if ".quant_state." in k}
+    assert len(qkeys) == 2 * 7 and not any("embed" in k or "lm_head" in k for k in qkeys)
+    ad = load_adapter(out / "adapter")
+    sq_l = sq_p = 0.0
+    for row in rep.rows:
+        name = row["module"]
+        key = name + ".weight"
+        group = {k: res.get_tensor(k) for k in res.keys() if k == key or k.startswith(key + ".")}
+        packed, state = nf4.QuantState4bit.from_state_dict(group, key)
+        stored = nf4.dequantize(packed, state, dtype=torch.float32)
+        W = base.get_tensor(key)
+        delta = ad[name].delta_weight()
+        # what is stored is NF4 of the bf16 residual W − s·B·A
+        p2, s2 = nf4.quantize_nf4((W.float() - delta).to(torch.bfloat16), blocksize=64, double_quant=True)
+        assert torch.equal(stored, nf4.dequantize(p2, s2, dtype=torch.float32))
+        # and the report measured exactly this model
+        err = float((W.float() - (stored + delta)).norm() / W.float().norm())
+        assert row["qpissa_error"] == pytest.approx(err, rel=1e-5)
+        assert row["qpissa_error"] < row["qlora_error"]
+        sq_l += (row["qlora_error"] * float(W.float().norm())) ** 2
+        sq_p += (err * float(W.float().norm())) ** 2
+    assert rep.totals["error_reduction"] == pytest.approx(1 - math.sqrt(sq_p / sq_l), rel=1e-4)
+    assert rep.totals["error_reduction"] > 0.05
