@@ -225,6 +225,48 @@ def parse_kohya_module(tensors: Mapping[str, Tensor], *, name: str = "", info: M
                          alpha=hint, rslora=rs, bias_scaled=False, magnitude_axis=axis)
 
 
+def lokr_factorization(dim: int, factor: int = -1) -> tuple[int, int]:
+    """PEFT's LoKr ``factorization``: ``(factor, dim/factor)`` when factor > 0 divides dim (not sorted), otherwise
+    the pair m ≤ n, m·n = dim with the smallest m + n (m ≤ factor when factor > 0)."""
+    if factor > 0 and dim % factor == 0:
+        return factor, dim // factor
+    limit = dim if factor < 0 else factor
+    m, n = 1, dim
+    while m < n:
+        new_m = m + 1
+        while dim % new_m:
+            new_m += 1
+        new_n = dim // new_m
+        if new_m + new_n > m + n or new_m > limit:
+            break
+        m, n = new_m, new_n
+    return (n, m) if m > n else (m, n)
+
+
+def peft_lokr_factors(m: AdapterModule) -> set[int]:
+    """Every PEFT ``decompose_factor`` for which PEFT's LoKr layer creates exactly this module's factor shapes
+    (empty when none does). Factors above max(out_l, in_m) behave like -1, so checking 1..max and -1 is complete."""
+    d = m.delta
+    if not isinstance(d, LoKr):
+        return {-1}
+    out_l, in_m = d.w1.shape if d.w1 is not None else (d.w1a.shape[0], d.w1b.shape[1])
+    if d.w2 is not None:
+        out_k, in_n = d.w2.shape[0], d.w2.shape[1]
+    elif d.t2 is not None:
+        out_k, in_n = d.w2a.shape[1], d.w2b.shape[1]
+    else:
+        out_k, in_n = d.w2a.shape[0], d.w2b.shape[1]
+        ws = m.layout.weight_shape
+        if ws is not None and len(ws) > 2:  # PEFT folds the kernel into w2_b only: in_n·k = w2_b columns
+            k = math.prod(ws[2:])
+            if in_n % k:
+                return set()
+            in_n //= k
+    return {f for f in [*range(1, int(max(out_l, in_m)) + 1), -1]
+            if lokr_factorization(int(out_l * out_k), f) == (out_l, out_k)
+            and lokr_factorization(int(in_m * in_n), f) == (in_m, in_n)}
+
+
 def _alpha_value(m: AdapterModule) -> float:
     """The ``alpha`` tensor a kohya reader divides by r to get ``m.scale``."""
     r = m.rank
@@ -448,6 +490,18 @@ def read(ckpt: Checkpoint, *, base: str | None = None, arch: str | None = None, 
                                                 path=ckpt.source)
     if not modules:
         raise FormatError("no module could be resolved", path=ckpt.source)
+    lokr = {n: peft_lokr_factors(m) for n, m in modules.items() if m.kind == "lokr"}
+    if lokr:
+        common = set.intersection(*lokr.values())
+        odd = [n for n, f in lokr.items() if not f]
+        if odd:
+            notes.append(f"{len(odd)} of {len(lokr)} LoKr modules have Kronecker factor shapes that PEFT's LoKr "
+                         "layer cannot create with any decompose_factor (e.g. {odd[0]}): a PEFT LoKr written from "
+                         "this file is exact and reads back in peft-surgery, but PEFT's own loader rejects those "
+                         "modules' shapes".replace("{odd[0]}", odd[0]))
+        elif not common:
+            notes.append("the LoKr modules need different PEFT decompose_factor values; PEFT has a single one, so "
+                         "PEFT's own loader rejects some modules' shapes (peft-surgery reads them exactly)")
     config: dict[str, Any] = {"_notes": notes}
     return Adapter(modules=modules, base_model=meta.get("ss_sd_model_name"), config=config, metadata=meta,
                    source_format="kohya")
