@@ -319,6 +319,27 @@ def _prepare(name: str, m: AdapterModule, fold_scale: bool, notes: list[str]) ->
     return m
 
 
+_TE_HEAD = "text_model."
+
+
+def _portable_patterns(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Drop a leading ``text_model.`` from target_modules/rank_pattern/alpha_pattern keys.
+
+    PEFT matches these as suffixes, and transformers 5's CLIPTextModel has no ``text_model`` wrapper (its modules
+    are ``encoder.layers.…``), so the shortened keys match CLIP text encoders of every transformers version.
+    """
+    def strip(k: str) -> str:
+        return k[len(_TE_HEAD):] if k.startswith(_TE_HEAD) else k
+
+    out = dict(cfg)
+    if isinstance(out.get("target_modules"), list):
+        out["target_modules"] = [strip(k) for k in out["target_modules"]]
+    for key in ("rank_pattern", "alpha_pattern"):
+        if isinstance(out.get(key), dict):
+            out[key] = {strip(k): v for k, v in out[key].items()}
+    return out
+
+
 def state_dict(adapter: Adapter, *, base: str | None = None, fold_scale: bool = False, component: str | None = None
                ) -> tuple[dict[str, Tensor], dict[str, str], list[str]]:
     """(tensors, safetensors metadata, notes) of the current diffusers format."""
@@ -347,7 +368,7 @@ def state_dict(adapter: Adapter, *, base: str | None = None, fold_scale: bool = 
     for comp, mods in by_comp.items():
         src_cfg = src_cfgs.get(comp) or (adapter.config if "peft_type" in adapter.config and not src_cfgs else {})
         sub = Adapter(modules=mods, config=dict(src_cfg), base_model=adapter.base_model, source_format="diffusers")
-        cfg = peft_format.build_config(sub)
+        cfg = _portable_patterns(peft_format.build_config(sub))
         for k, t in peft_format.state_dict(sub).items():
             tensors[f"{comp}.{k[len(peft_format.PREFIX):]}"] = t
         meta_cfg.update({f"{comp}.{k}": v for k, v in cfg.items()})
