@@ -590,7 +590,8 @@ def _dominant_dtype(ft: Checkpoint, tasks: Sequence[Task]) -> torch.dtype:
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, leave=False)
+    # disable=None: tqdm shows the bar only on a terminal, so logs and pipes stay clean
+    return tqdm(total=total, desc=desc, unit="tensor", disable=None if enabled else True, leave=False)
 
 
 @dataclass
