@@ -20,7 +20,8 @@ def init_group() -> None:
 
 
 def _init_options(fn):
-    fn = click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD (--niter).")(fn)
+    fn = click.option("--seed", type=int, default=0, show_default=True,
+                      help="Seed of the randomized SVD (--niter).")(fn)
     fn = click.option("--quantize", type=click.Choice(["nf4"]), default=None,
                       help="Store the residual NF4-quantized (QPiSSA) and report its error against QLoRA.")(fn)
     fn = click.option("--dtype", default=None, help="Adapter dtype: fp32 (default, as PEFT), fp16 or bf16. "
