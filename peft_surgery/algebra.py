@@ -129,11 +129,20 @@ def _fresh_config(adapter: Adapter) -> dict[str, Any]:
     rescale (e.g. LoRA → rsLoRA with the same scale) that would silently write the old convention. A NaN
     alpha never matches, so the writer rebuilds r, alpha, use_rslora and rank_pattern/alpha_pattern.
     """
-    cfg = dict(adapter.config)
-    cfg.pop("rank_pattern", None)
-    cfg.pop("alpha_pattern", None)
-    ptype = str(cfg.get("peft_type", "")).upper()
-    cfg["alpha" if ptype in ("LOHA", "LOKR") else "lora_alpha"] = float("nan")
+    def poison(src: dict[str, Any]) -> dict[str, Any]:
+        if "peft_type" not in src:  # not a PEFT config: nothing the PEFT writer would reuse
+            return dict(src)
+        cfg = dict(src)
+        cfg.pop("rank_pattern", None)
+        cfg.pop("alpha_pattern", None)
+        ptype = str(cfg.get("peft_type", "")).upper()
+        cfg["alpha" if ptype in ("LOHA", "LOKR") else "lora_alpha"] = float("nan")
+        return cfg
+
+    cfg = poison(adapter.config)
+    comps = cfg.get("_components")  # per-component PEFT configs kept by the diffusers reader
+    if isinstance(comps, dict):
+        cfg["_components"] = {k: poison(v) if isinstance(v, dict) else v for k, v in comps.items()}
     return cfg
 
 
