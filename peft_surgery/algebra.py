@@ -369,9 +369,9 @@ def _apply(ckpt: Checkpoint, adapters: list[Adapter], sources: list[str], weight
     def transform(key: str, t: Tensor) -> Tensor:
         if key in plan.replace:
             i, mkey, new = plan.replace[key]
-            rows.append({"tensor": key, "adapter": i + 1, "kind": "modules_to_save", "weight": 1.0,
-                         "rel_change": _rel_change(t, new.to(t.dtype))})
-            t = new.to(t.dtype).contiguous()
+            new = new.to(t.dtype).contiguous()
+            rows.append({"tensor": key, "adapters": f"{i + 1}:modules_to_save", "rel_change": _rel_change(t, new)})
+            t = new
         steps = plan.weights.get(key) or plan.biases.get(key)
         if not steps:
             return t
@@ -390,10 +390,9 @@ def _apply(ckpt: Checkpoint, adapters: list[Adapter], sources: list[str], weight
                                            path=sources[st.adapter], device=device)
         out = work.to(t.dtype)
         check_finite(out, path=ckpt.source, tensor=key)
-        for st in order:
-            rows.append({"tensor": key, "adapter": st.adapter + 1,
-                         "kind": st.module.kind + ("+dora" if st.module.is_dora else ""), "weight": st.weight,
-                         "rel_change": _rel_change(t, out) if st is order[-1] else None})
+        rows.append({"tensor": key, "adapters": " + ".join(
+            f"{st.adapter + 1}:{st.module.kind}{'+dora' if st.module.is_dora else ''}×{st.weight:g}" for st in order),
+            "rel_change": _rel_change(t, out)})
         return out
 
     with atomic_output(output, is_dir=not is_file, inputs=[ckpt.source, *sources], overwrite=overwrite) as tmp:
