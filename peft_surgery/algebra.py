@@ -83,10 +83,31 @@ def _load(a: AdapterLike, allow_pickle: bool = False) -> tuple[Adapter, str]:
     return load_adapter(a, allow_pickle=allow_pickle), str(a)
 
 
-def _load_all(adapters: Sequence[AdapterLike] | AdapterLike, allow_pickle: bool) -> tuple[list[Adapter], list[str]]:
+# Formats whose module names may need the base model to be resolved (kohya's flattened names, Flux layouts).
+BASE_AWARE_FORMATS = ("kohya", "flux", "diffusers")
+
+
+def _load_for_base(a: AdapterLike, base: str | os.PathLike, allow_pickle: bool) -> tuple[Adapter, str]:
+    """Load an adapter for merging into ``base``: name-resolving formats get ``base=`` to resolve names."""
+    if isinstance(a, Adapter):
+        return a, "<adapter>"
+    from .formats import detect_format
+
+    ckpt = Checkpoint.open(a, allow_pickle=allow_pickle)
+    fmt = detect_format(ckpt).format
+    if fmt in BASE_AWARE_FORMATS:
+        try:
+            return load_adapter(ckpt, format=fmt, base=str(base)), str(a)
+        except SurgeryError:
+            pass  # the base's tables could not help; fall back to the format's own name resolution
+    return load_adapter(ckpt, format=fmt), str(a)
+
+
+def _load_all(adapters: Sequence[AdapterLike] | AdapterLike, allow_pickle: bool,
+              base: str | os.PathLike | None = None) -> tuple[list[Adapter], list[str]]:
     if isinstance(adapters, (str, os.PathLike, Adapter)):
         adapters = [adapters]
-    loaded = [_load(a, allow_pickle) for a in adapters]
+    loaded = [_load(a, allow_pickle) if base is None else _load_for_base(a, base, allow_pickle) for a in adapters]
     if not loaded:
         raise SurgeryError("no adapter given")
     return [a for a, _ in loaded], [s for _, s in loaded]
@@ -424,7 +445,7 @@ def merge(base: str | os.PathLike, adapters: Sequence[AdapterLike] | AdapterLike
     files; a diffusers pipeline folder gives a pipeline folder. LoRA/LoHa/LoKr are additive; DoRA rescales
     rows of the weight as merged so far (PEFT's sequential merge).
     """
-    ads, sources = _load_all(adapters, allow_pickle)
+    ads, sources = _load_all(adapters, allow_pickle, base=base)
     w = _weights(weights, len(ads))
     for ad, src in zip(ads, sources):
         check_adapter_finite(ad, src)
@@ -443,7 +464,7 @@ def unmerge(merged: str | os.PathLike, adapters: Sequence[AdapterLike] | Adapter
             weights: Sequence[float] | None = None, overwrite: bool = False, allow_pickle: bool = False,
             device: str = "cpu", progress: bool = False, ignore_modules_to_save: bool = False) -> MergeReport:
     """Subtract ``adapters`` (in reverse order) from a merged checkpoint. DoRA is refused: see surgery.merge."""
-    ads, sources = _load_all(adapters, allow_pickle)
+    ads, sources = _load_all(adapters, allow_pickle, base=merged)
     w = _weights(weights, len(ads))
     for ad, src in zip(ads, sources):
         check_adapter_finite(ad, src)

@@ -296,3 +296,11 @@ def test_loha_conv_reshaped_and_mismatch_raises():
     torch.testing.assert_close(merged, w + 0.5 * loha.delta.product().reshape(6, 4, 3, 3))
     with pytest.raises(ShapeMismatchError, match="another base"):
         merge_weight(torch.randn(6, 4, 3, 2), loha, name="conv")
+
+
+def test_merge_on_gpu_matches_cpu(cuda_device):
+    w = torch.randn(6, 5, dtype=torch.bfloat16)
+    m = _lora(6, 5, 2, 0.5, 1)
+    got = merge_weight(w, m, device=cuda_device)
+    assert got.device == w.device and got.dtype == w.dtype
+    torch.testing.assert_close(got.float(), merge_weight(w, m).float(), atol=1e-2, rtol=1e-2)
