@@ -619,6 +619,8 @@ def kohya_metadata(adapter: Adapter, arch: str | None, *, lycoris: bool = False)
     if any(getattr(m.delta, "mid", None) is not None or getattr(m.delta, "t1", None) is not None
            or getattr(m.delta, "t2", None) is not None for m in mods):
         args["use_tucker"] = "True"
+    if mods and all(m.rslora for m in mods):
+        args["rs_lora"] = "True"  # LyCORIS convention: the stored alpha is α·√r, so alpha/r readers stay exact
     if any(m.is_dora for m in mods):
         args["dora_wd"] = "True"
         if all(m.magnitude_axis == "out" for m in mods if m.is_dora):
