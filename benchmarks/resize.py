@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--dense-repeats", type=int, default=2, help="modules timed per distinct shape (dense)")
     ap.add_argument("--dense-all", action="store_true", help="time the dense baseline on every module")
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1 by default: on a shared, oversubscribed CPU more threads make LAPACK slower)")
+                    help="torch threads (1 by default: on a shared, oversubscribed CPU more threads slow LAPACK down)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -138,9 +138,10 @@ def main() -> None:
     for s in sorted(per_shape, key=lambda s: -s[0] * s[1]):
         print(f"  shape {s}: {shapes[s]:4d} modules × {statistics.mean(per_shape[s]) * 1000:8.1f} ms")
     max_diff = max(abs(d - f) for d, f in err_pairs)
-    print(f"relative error on the {len(err_pairs)} compared modules: dense mean "
-          f"{statistics.mean(d for d, _ in err_pairs):.6f}, factored mean {statistics.mean(f for _, f in err_pairs):.6f}, "
-          f"max |difference| {max_diff:.2e}")
+    dense_mean = statistics.mean(d for d, _ in err_pairs)
+    fact_mean = statistics.mean(f for _, f in err_pairs)
+    print(f"relative error on the {len(err_pairs)} compared modules: dense mean {dense_mean:.6f}, "
+          f"factored mean {fact_mean:.6f}, max |difference| {max_diff:.2e}")
     print(f"speed-up: {dense_total / factored_s:.1f}× (factored vs dense, same process)")
 
 

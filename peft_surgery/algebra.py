@@ -118,7 +118,8 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
         return [1.0] * n
     w = [float(x) for x in weights]
     if len(w) != n:
-        raise SurgeryError(f"--weights has {len(w)} value(s) but {n} adapter(s) were given; give one weight per adapter")
+        raise SurgeryError(f"--weights has {len(w)} value(s) but {n} adapter(s) were given; "
+                           "give one weight per adapter")
     for x in w:
         if not math.isfinite(x):
             raise SurgeryError(f"--weights must be finite numbers, got {x}")
@@ -674,7 +675,8 @@ def resize_adapter(adapter: Adapter, *, rank: int | None = None, energy: float |
         raise SurgeryError(f"--energy must be in (0, 1], got {energy}")
     if sv_ratio is not None and sv_ratio < 1:
         raise SurgeryError(f"--sv-ratio must be ≥ 1, got {sv_ratio}")
-    mode = f"rank {rank}" if rank is not None else (f"energy {energy}" if energy is not None else f"sv_ratio {sv_ratio}")
+    mode = (f"rank {rank}" if rank is not None
+            else f"energy {energy}" if energy is not None else f"sv_ratio {sv_ratio}")
     report = ResizeReport(title=f"resize ({mode})")
     modules: dict[str, AdapterModule] = {}
     skipped = 0

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from peft_surgery.adapter import Adapter, AdapterModule, Layout, LoHa, LoRA
-from peft_surgery.algebra import merge, resolve_base_key, unmerge
+from peft_surgery.algebra import merge, resolve_base_key
 from peft_surgery.checkpoint import Checkpoint
 from peft_surgery.cli.main import cli
 from peft_surgery.errors import ShapeMismatchError, SurgeryError
@@ -70,7 +70,8 @@ def test_merge_equals_peft_merge_and_unload(tmp_path, case):
     base, adapter, ref = _peft_case(tmp_path, tiny_llama, LLAMA_CASES[case](), case)
     if case == "lm_head_to_save":  # the trained copy (randomized) replaces the base tensor
         sd = load_file(adapter / "adapter_model.safetensors")
-        assert not torch.equal(sd["base_model.model.lm_head.weight"], load_file(base / "model.safetensors")["lm_head.weight"])
+        base_head = load_file(base / "model.safetensors")["lm_head.weight"]
+        assert not torch.equal(sd["base_model.model.lm_head.weight"], base_head)
     report = merge(base, [adapter], tmp_path / "out")
     # fp32 arithmetic, same operation order as PEFT: bit-identical
     _compare(tmp_path / "out" / "model.safetensors", ref, atol=1e-6 if case == "dora" else 0.0)

@@ -190,8 +190,8 @@ def test_resize_energy_writes_rank_pattern_readable_by_peft(tmp_path):
     src = load_adapter(adapter)
     # make one module exactly rank 2 so the per-module ranks differ
     m = src["model.layers.0.self_attn.q_proj"]
-    src.modules["model.layers.0.self_attn.q_proj"] = m.replace(delta=LoRA(m.delta.down.clone(),
-                                                                          torch.cat([m.delta.up[:, :2], torch.zeros(32, 4)], 1)))
+    rank2_up = torch.cat([m.delta.up[:, :2], torch.zeros(32, 4)], 1)
+    src.modules["model.layers.0.self_attn.q_proj"] = m.replace(delta=LoRA(m.delta.down.clone(), rank2_up))
     report = resize(src, tmp_path / "dyn", energy=0.999999)
     rows = {r["module"]: r for r in report.rows}
     assert rows["model.layers.0.self_attn.q_proj"]["new_rank"] == 2

@@ -132,4 +132,5 @@ def merge_bias(bias: Tensor | None, module: AdapterModule, *, strength: float = 
     return out.to(bias.dtype)
 
 
-__all__ = ["check_unmergeable", "fit_to_weight", "merge_bias", "merge_weight", "module_delta", "module_to", "unmerge_weight"]
+__all__ = ["check_unmergeable", "fit_to_weight", "merge_bias", "merge_weight", "module_delta", "module_to",
+           "unmerge_weight"]
