@@ -3,8 +3,15 @@
 Everything is computed in float32 (float64 when the weight is float64) and cast back to the weight's own
 dtype at the end, as PEFT's ``safe_merge`` does. ``strength`` multiplies the module's contribution.
 
->>> W2 = merge_weight(W, module)              # doctest: +SKIP
->>> W  = unmerge_weight(W2, module)           # doctest: +SKIP  (W back within the dtype's rounding)
+>>> import torch
+>>> from peft_surgery.adapter import AdapterModule, LoRA
+>>> W = torch.zeros(2, 3)
+>>> m = AdapterModule(LoRA(down=torch.ones(1, 3), up=torch.ones(2, 1)), scale=0.5)
+>>> merge_weight(W, m, strength=2.0)
+tensor([[1., 1., 1.],
+        [1., 1., 1.]])
+>>> bool((unmerge_weight(merge_weight(W, m), m) == W).all())
+True
 
 DoRA (``module.magnitude`` set) rescales each output row of ``W + ΔW`` to the learned magnitude. With
 ``strength`` w the result is interpolated, ``W + w·(W_dora − W)``, so strength 0 leaves W untouched and 1 is
