@@ -305,3 +305,13 @@ def test_merge_on_gpu_matches_cpu(cuda_device):
     got = merge_weight(w, m, device=cuda_device)
     assert got.device == w.device and got.dtype == w.dtype
     torch.testing.assert_close(got.float(), merge_weight(w, m).float(), atol=1e-2, rtol=1e-2)
+
+
+def test_dora_merge_matches_delta_weight_for_both_magnitude_axes():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 5, generator=g)
+    for axis, n in (("out", 6), ("in", 5)):
+        m = _lora(6, 5, 2, 0.5, 1).replace(magnitude=torch.rand(n, generator=g) + 0.5, magnitude_axis=axis)
+        torch.testing.assert_close(merge_weight(w, m), w + m.delta_weight(w), atol=1e-6, rtol=1e-6)
+        with pytest.raises(SurgeryError, match="DoRA cannot be unmerged"):
+            unmerge_weight(w, m, name="m")

@@ -95,7 +95,12 @@ def merge_weight(weight: Tensor, module: AdapterModule, *, strength: float = 1.0
     else:
         w_math = mod.from_stored(w)
         d = fit_to_weight(mod.delta_math().to(w.dtype), tuple(w_math.shape), module=name, path=path)
-        merged = mod.to_stored(_delta.dora_weight(w_math, d, mod.magnitude.to(w.dtype)))
+        mag = mod.magnitude.to(w.dtype)
+        if getattr(mod, "magnitude_axis", "out") == "in":  # kohya-style DoRA: one magnitude per input column
+            merged_math = _delta.dora_weight(w_math.transpose(0, 1), d.transpose(0, 1), mag).transpose(0, 1)
+        else:
+            merged_math = _delta.dora_weight(w_math, d, mag)
+        merged = mod.to_stored(merged_math)
         out = merged if strength == 1.0 else w + (merged - w) * strength
     check_finite(out, path=path, tensor=name)
     return out.to(weight.dtype).to(weight.device)
