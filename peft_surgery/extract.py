@@ -366,8 +366,8 @@ def decompose(M: Tensor, rank: int, *, method: str = "auto", seed: int = 0) -> S
     otherwise; either way the result's ``total_energy`` is the exact ‖M‖_F².
     """
     rank = max(1, min(int(rank), min(M.shape)))
-    return truncated_svd(M, rank, method=method, oversample=max(MIN_OVERSAMPLE, rank), niter=POWER_ITERATIONS,
-                         seed=seed)
+    p = max(MIN_OVERSAMPLE, rank)
+    return truncated_svd(M, rank, method=method, oversample=p, niter=POWER_ITERATIONS, seed=seed)
 
 
 def decompose_adaptive(M: Tensor, *, energy: float | None = None, sv_ratio: float | None = None,
@@ -647,15 +647,20 @@ def _process(task: Task, b: Tensor, f: Tensor, st: _State, base_ckpt: Checkpoint
     dev = st.device
     b = b.to(dev, non_blocking=True)
     f = f.to(dev, non_blocking=True)
-    check_finite(b, path=base_ckpt.shard_of(task.base_key), tensor=task.base_key)
-    check_finite(f, path=ft_ckpt.shard_of(task.ft_key), tensor=task.ft_key)
+    # NaN ≠ NaN, so a tensor with NaN never compares equal and always reaches the finite check below.
     if b.dtype == f.dtype and torch.equal(b, f):
         st.report.skipped["unchanged"].append(task.key)
         return
     work = torch.float64 if torch.float64 in (b.dtype, f.dtype) else torch.float32
     diff = f.to(work) - b.to(work)
+    amax = float(diff.abs().max())
+    if not math.isfinite(amax):
+        # NaN/Inf in either input makes ΔW non-finite; only now pay for finding (and naming) the culprit.
+        check_finite(f, path=ft_ckpt.shard_of(task.ft_key), tensor=task.ft_key)
+        check_finite(b, path=base_ckpt.shard_of(task.base_key), tensor=task.base_key)
+        raise SurgeryError("FT − BASE overflows to Inf", path=ft_ckpt.shard_of(task.ft_key), tensor=task.ft_key)
     del b
-    if float(diff.abs().max()) <= opts.min_diff:  # also catches equal values stored in different dtypes
+    if amax <= opts.min_diff:  # also catches equal values stored in different dtypes
         st.report.skipped["unchanged"].append(task.key)
         return
     out_dtype = _out_dtype(f, opts)
