@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .adapter import check_finite
 from .checkpoint import Checkpoint, ShardedWriter, atomic_output, copy_side_files, write_json
-from .errors import FormatError, SurgeryError
+from .errors import SurgeryError
 from .report import Report
 from .surgery import nf4 as _nf4
 
@@ -68,10 +68,14 @@ class QuantReport(Report):
     def to_text(self, max_rows: int | None = 40) -> str:
         text = super().to_text(max_rows)
         extra = []
+        if self.skipped:
+            more = f" (+{len(self.skipped) - 8} more)" if len(self.skipped) > 8 else ""
+            extra += [f"kept unquantized: {', '.join(self.skipped[:8])}{more}"]
         if self.comparison:
             extra += ["", "side by side (all quantized tensors):", _table(self.comparison)]
         if self.worst:
-            extra += ["", f"worst tensors ({self.methods[0] if self.methods else self.quant_type}):",
+            label = self.comparison[0]["method"] if self.comparison else self.quant_type
+            extra += ["", f"worst tensors ({label}):",
                       _table(self.worst)]
         return text + ("\n" + "\n".join(extra) if extra else "")
 
