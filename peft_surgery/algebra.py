@@ -144,30 +144,6 @@ def _inputs(*groups: Iterable[AdapterLike]) -> list[str]:
     return out
 
 
-def _fresh_config(adapter: Adapter) -> dict[str, Any]:
-    """The source config with its scaling entries invalidated, so the writer restates r/alpha/patterns.
-
-    The PEFT writer reuses a source config verbatim when it still reproduces every module's scale; after a
-    rescale (e.g. LoRA → rsLoRA with the same scale) that would silently write the old convention. A NaN
-    alpha never matches, so the writer rebuilds r, alpha, use_rslora and rank_pattern/alpha_pattern.
-    """
-    def poison(src: dict[str, Any]) -> dict[str, Any]:
-        if "peft_type" not in src:  # not a PEFT config: nothing the PEFT writer would reuse
-            return dict(src)
-        cfg = dict(src)
-        cfg.pop("rank_pattern", None)
-        cfg.pop("alpha_pattern", None)
-        ptype = str(cfg.get("peft_type", "")).upper()
-        cfg["alpha" if ptype in ("LOHA", "LOKR") else "lora_alpha"] = float("nan")
-        return cfg
-
-    cfg = poison(adapter.config)
-    comps = cfg.get("_components")  # per-component PEFT configs kept by the diffusers reader
-    if isinstance(comps, dict):
-        cfg["_components"] = {k: poison(v) if isinstance(v, dict) else v for k, v in comps.items()}
-    return cfg
-
-
 def _save(adapter: Adapter, output: str | os.PathLike, *, format: str, overwrite: bool, inputs: list[str],
           write_options: dict[str, Any] | None = None) -> list[str]:
     return save_adapter(adapter, output, format=format, overwrite=overwrite, inputs=inputs, **(write_options or {}))
@@ -535,7 +511,7 @@ def combine_adapters(adapters: Sequence[Adapter], weights: Sequence[float] | Non
                                    "combine them too", path=sources[i], tensor=key)
             mts[key] = t
     first = adapters[0]
-    result = Adapter(modules=modules, modules_to_save=mts, base_model=first.base_model, config=_fresh_config(first),
+    result = Adapter(modules=modules, modules_to_save=mts, base_model=first.base_model, config=dict(first.config),
                      metadata={}, source_format=first.source_format)
     kinds = sorted({m.kind + ("+dora" if m.is_dora else "") for ad in adapters for m in ad.modules.values()})
     if dense:
@@ -630,7 +606,7 @@ def rescale_adapter(adapter: Adapter, *, to_rslora: bool = False, to_lora: bool 
         report.notes.append("ΔW unchanged: scales are restated and B compensates where the scale changed")
     if half:
         report.notes.append("B was rescaled in float32 and stored back in half precision: one rounding per element")
-    result = adapter.copy(modules=modules, config=_fresh_config(adapter))
+    result = adapter.copy(modules=modules, config=dict(adapter.config))
     report.totals = {"modules": len(modules), "factors rescaled": sum(r["factors_rescaled"] for r in report.rows),
                      "unchanged": untouched}
     return result, report
@@ -688,7 +664,7 @@ def resize_adapter(adapter: Adapter, *, rank: int | None = None, energy: float |
         report.rows.append({"module": n, "old_rank": info.old_rank, "new_rank": info.new_rank,
                             "retained_energy": info.retained_energy, "fro_retained": math.sqrt(info.retained_energy),
                             "rel_error": info.rel_error, "path": info.path})
-    result = adapter.copy(modules=modules, config=_fresh_config(adapter))
+    result = adapter.copy(modules=modules, config=dict(adapter.config))
     fro = [r["fro_retained"] for r in report.rows if r["path"] != "skipped"]
     mean = sum(fro) / len(fro) if fro else 1.0
     std = math.sqrt(sum((x - mean) ** 2 for x in fro) / len(fro)) if fro else 0.0

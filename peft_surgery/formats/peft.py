@@ -275,14 +275,40 @@ def _module_alpha(m: AdapterModule, r: int, rslora: bool) -> float:
     return float(round(alpha)) if math.isclose(alpha, round(alpha), rel_tol=1e-12) else alpha
 
 
+def targets_module(cfg: dict[str, Any], name: str) -> bool:
+    """Whether PEFT would put an adapter layer on ``name`` under ``cfg`` (target_modules / exclude_modules)."""
+
+    def matches(spec: Any) -> bool:
+        if spec is None:
+            return False
+        if isinstance(spec, str):
+            return re.fullmatch(spec, name) is not None
+        return any(name == t or name.endswith("." + t) for t in spec)
+
+    return matches(cfg.get("target_modules")) and not matches(cfg.get("exclude_modules"))
+
+
 def config_matches(adapter: Adapter, cfg: dict[str, Any]) -> bool:
-    """True when ``cfg`` resolves to exactly the adapter's ranks and scales for every module."""
+    """True when ``cfg`` makes PEFT build exactly this adapter: same targets, ranks, scales and variants.
+
+    Only then is a source config written back unchanged (which keeps PEFT → PEFT round trips bit-exact).
+    """
     if not cfg or "peft_type" not in cfg:
         return False
     ptype = str(cfg["peft_type"]).upper()
     lycoris = ptype in ("LOHA", "LOKR")
     rslora = bool(cfg.get("use_rslora", False)) and not lycoris
+    if not lycoris:
+        mods = list(adapter.modules.values())
+        if any(m.rslora != rslora for m in mods):
+            return False
+        if bool(cfg.get("use_dora", False)) != any(m.is_dora for m in mods):
+            return False
+        if bool(cfg.get("lora_bias", False)) != any(m.bias is not None for m in mods):
+            return False
     for name, m in adapter.modules.items():
+        if not targets_module(cfg, name):
+            return False
         r, alpha = resolve_rank_alpha(cfg, name, loha_lokr=lycoris)
         if m.kind == "lora" and r != m.rank:
             return False
@@ -317,7 +343,9 @@ def build_config(adapter: Adapter, *, base_model: str | None = None) -> dict[str
         "r": r0,
         "rank_pattern": {n: r for n, r in ranks.items() if r != r0},
         "alpha_pattern": {n: a for n, a in alphas.items() if a != a0},
-        "target_modules": sorted(adapter.modules),
+        # Keep the user's target_modules (e.g. ["q_proj", "v_proj"]) while it still covers every module.
+        "target_modules": src["target_modules"] if src.get("target_modules") is not None and all(
+            targets_module(src, n) for n in adapter.modules) else sorted(adapter.modules),
     })
     if lycoris:
         cfg["alpha"] = a0
