@@ -27,7 +27,8 @@ def _clean(o: Any) -> Any:
     return str(o)
 
 
-def _cell(v: Any) -> str:
+def formatformat_cell(v: Any) -> str:
+    """One table cell: floats to 4 significant digits (scientific when tiny or huge)."""
     if isinstance(v, float):
         if v == 0 or (1e-3 <= abs(v) < 1e6):
             return f"{v:.4g}"
@@ -60,7 +61,7 @@ class Report:
             return []
         headers = list(self.rows[0].keys())
         rows = self.rows if max_rows is None or len(self.rows) <= max_rows else self.rows[:max_rows]
-        cells = [[_cell(r.get(h, "")) for h in headers] for r in rows]
+        cells = [[format_cell(r.get(h, "")) for h in headers] for r in rows]
         if markdown:
             lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
             lines += ["| " + " | ".join(c) + " |" for c in cells]
@@ -77,7 +78,7 @@ class Report:
         lines += self._table(max_rows, " | ", markdown=True)
         if self.totals:
             lines += ["", "| total | value |", "|---|---|"]
-            lines += [f"| {k} | {_cell(v)} |" for k, v in self.totals.items()]
+            lines += [f"| {k} | {format_cell(v)} |" for k, v in self.totals.items()]
         if self.notes:
             lines += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines)
@@ -87,7 +88,7 @@ class Report:
         lines += self._table(max_rows, "  ", markdown=False)
         if self.totals:
             lines.append("")
-            lines += [f"{k}: {_cell(v)}" for k, v in self.totals.items()]
+            lines += [f"{k}: {format_cell(v)}" for k, v in self.totals.items()]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

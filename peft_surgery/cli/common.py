@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Sequence
 import click
 
 from ..errors import SurgeryError
+from ..report import format_cell
 
 
 def output_option(required: bool = True, help: str = "Output path.") -> Callable:
@@ -112,7 +113,7 @@ def echo_json(obj: Any) -> None:
 
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], max_rows: int | None = None) -> str:
-    rows = [[_fmt(c) for c in r] for r in rows]
+    rows = [[format_cell(c) for c in r] for r in rows]
     shown = rows if max_rows is None or len(rows) <= max_rows else rows[:max_rows]
     widths = [len(h) for h in headers]
     for r in shown:
@@ -122,14 +123,6 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], max_rows
     if len(shown) < len(rows):
         lines.append(f"... {len(rows) - len(shown)} more rows (use --json for all)")
     return "\n".join(lines)
-
-
-def _fmt(c: Any) -> str:
-    if isinstance(c, float):
-        if c == 0 or (1e-3 <= abs(c) < 1e6):
-            return f"{c:.4g}"
-        return f"{c:.3e}"
-    return str(c)
 
 
 def human_bytes(n: float) -> str:
