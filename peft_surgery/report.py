@@ -27,7 +27,7 @@ def _clean(o: Any) -> Any:
     return str(o)
 
 
-def formatformat_cell(v: Any) -> str:
+def format_cell(v: Any) -> str:
     """One table cell: floats to 4 significant digits (scientific when tiny or huge)."""
     if isinstance(v, float):
         if v == 0 or (1e-3 <= abs(v) < 1e6):
