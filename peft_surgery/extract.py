@@ -457,7 +457,7 @@ def _factors(p: _Pending, rank: int, opts: ExtractOptions) -> tuple[AdapterModul
         "shape": "x".join(map(str, task.shape)),
         "rank": rank,
         "rel_error": truncation_error(p.svd, rank, p.M),
-        "energy": p.svd.retained_energy(rank) / total if total > 0 else 1.0,
+        "energy": min(1.0, p.svd.retained_energy(rank) / total) if total > 0 else 1.0,
         "params": module.num_params,
     }
     return module, row

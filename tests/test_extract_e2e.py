@@ -248,3 +248,14 @@ def test_existing_output_and_unknown_format_fail_before_work(llama_pair, tmp_pat
     out2 = tmp_path / "adapter2"
     _assert_error(_run(root / "base", root / "ft", "-o", out2, "--format", "nope"), out2, "cannot write format")
     _assert_error(_run(root / "base", root / "ft", "-o", out2, "--rank", "4", "--energy", "0.9"), out2, "only one")
+
+
+def test_pickles_need_allow_pickle(llama_pair, tmp_path):
+    root, touched, _ = llama_pair
+    (tmp_path / "pkl").mkdir()
+    torch.save(load_file(root / "ft" / "model.safetensors"), tmp_path / "pkl" / "pytorch_model.bin")
+    out = tmp_path / "adapter"
+    _assert_error(_run(root / "base", tmp_path / "pkl", "-o", out), out, "pickle", "--allow-pickle")
+    res = _run(root / "base", tmp_path / "pkl", "-o", out, "--allow-pickle", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert set(load_adapter(out).modules) == set(touched)

@@ -228,3 +228,16 @@ def test_extraction_is_deterministic(tmp_path):
     a1, _ = extract_adapter(b, f, rank=8, svd="randomized", seed=5)
     a2, _ = extract_adapter(b, f, rank=8, svd="randomized", seed=5)
     assert torch.equal(a1["w"].delta.up, a2["w"].delta.up) and torch.equal(a1["w"].delta.down, a2["w"].delta.down)
+
+
+def test_cuda_matches_cpu(tmp_path, cuda_device):
+    g = torch.Generator().manual_seed(4)
+    base = {"w.weight": torch.randn(96, 80, generator=g), "n.weight": torch.ones(96)}
+    deltas = {"w.weight": _low_rank(96, 80, 3, 1, torch.float32), "n.weight": torch.full((96,), 0.5)}
+    b, f = _pair(tmp_path, deltas, base)
+    cpu, _ = extract_adapter(b, f, rank=3, device="cpu")
+    gpu, rep = extract_adapter(b, f, rank=3, device=cuda_device)
+    assert rep.totals["device"].startswith("cuda")
+    assert gpu["w"].delta.up.device.type == "cpu"  # only factors come back, on CPU
+    assert torch.allclose(gpu["w"].delta_weight(), cpu["w"].delta_weight(), atol=1e-5)
+    assert torch.equal(gpu.modules_to_save["n.weight"], cpu.modules_to_save["n.weight"])
