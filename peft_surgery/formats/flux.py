@@ -203,34 +203,40 @@ def parse_key(key: str, names: Names) -> tuple[str, str, str] | None:
 # detection
 # --------------------------------------------------------------------------------------------------------
 
-_LAYOUT_SIGNS = (
-    ("lora_unet_double_blocks_", "kohya Flux keys (lora_unet_double_blocks_…, BFL names flattened)", 3.0),
-    ("lora_unet_single_blocks_", "kohya Flux keys (lora_unet_single_blocks_…, BFL names flattened)", 3.0),
-    ("lora_transformer_single_transformer_blocks_", "OneTrainer Flux keys (lora_transformer_…)", 3.0),
-    ("lora_transformer_transformer_blocks_", "OneTrainer Flux keys (lora_transformer_…)", 3.0),
-    ("lycoris_single_transformer_blocks_", "SimpleTuner LyCORIS Flux keys (lycoris_…)", 3.0),
-    ("diffusion_model.double_blocks.", "ComfyUI Flux keys (diffusion_model. + BFL names)", 3.0),
-    ("diffusion_model.single_blocks.", "ComfyUI Flux keys (diffusion_model. + BFL names)", 3.0),
-    ("base_model.model.double_blocks.", "fal/BFL PEFT-style keys on BFL names", 3.0),
-    ("double_blocks.", "BFL native Flux keys", 3.0),
-    ("single_blocks.", "BFL native Flux keys", 3.0),
-    ("transformer.single_transformer_blocks.", "diffusers/ai-toolkit Flux keys (transformer.single_transformer_blocks…)", 1.25),
-    ("base_model.model.single_transformer_blocks.", "PEFT-style Flux transformer keys without a config", 1.25),
-)
-
-
 def detect(ckpt: Checkpoint) -> Detection | None:
-    keys = list(ckpt.keys())
-    evidence, score = [], 0.0
-    for prefix, what, s in _LAYOUT_SIGNS:
-        n = sum(k.startswith(prefix) for k in keys)
-        if n and s > score:
-            score = s
-            evidence = [f"{n} {what}"]
+    """Flux when keys resolve to BFL native / xlabs / flattened-diffusers Flux names (score 3), or only to
+    ``transformer.`` diffusers Flux names (1.25: the diffusers reader reads those equally well and wins when
+    the file carries ``lora_adapter_metadata``)."""
+    names = names_for(table.FluxDims())
+    kinds: Counter = Counter()
+    flat_diffusers = 0
+    for key in ckpt.keys():
+        parsed = parse_key(key, names)
+        if parsed is None or parsed[0] == "unresolved":
+            continue
+        kinds[parsed[0]] += 1
+        if parsed[0] == "diffusers" and key.startswith(("lora_transformer_", "lycoris_")):
+            flat_diffusers += 1
+    evidence = []
+    score = 0.0
+    if kinds["native"]:
+        evidence.append(f"{kinds['native']} tensors on BFL Flux modules (kohya lora_unet_…, ComfyUI "
+                        "diffusion_model.…, or native names)")
+        score = 3.0
+    if kinds["xlabs"]:
+        evidence.append(f"{kinds['xlabs']} xlabs processor tensors (processor.qkv_lora1 …)")
+        score = 3.0
+    if kinds["norm"]:
+        evidence.append(f"{kinds['norm']} BFL norm-scale tensors (control LoRA)")
+    if flat_diffusers:
+        evidence.append(f"{flat_diffusers} tensors on flattened diffusers Flux names (OneTrainer lora_transformer_ / "
+                        "SimpleTuner lycoris_)")
+        score = 3.0
+    elif kinds["diffusers"] and not score:
+        evidence.append(f"{kinds['diffusers']} tensors on diffusers Flux transformer names")
+        score = 1.25
     if not score:
         return None
-    if any(".processor." in k for k in keys):
-        evidence.append("xlabs processor names (processor.qkv_lora1 …)")
     meta = ckpt.metadata or {}
     if str(meta.get("ss_network_module", "")).endswith("lora_flux") or "flux" in str(
             meta.get("modelspec.architecture", "")).lower():
@@ -248,67 +254,36 @@ def _scalar(t: Tensor) -> float:
     return float(t.reshape(-1)[0].item())
 
 
+# canonical reader field → kohya/LyCORIS suffix (parse_kohya_module's vocabulary)
+_KOHYA_SUFFIX = {
+    "down": "lora_down.weight", "up": "lora_up.weight", "mid": "lora_mid.weight", "alpha": "alpha",
+    "dora_scale": "dora_scale", "diff": "diff", "diff_b": "diff_b",
+    "w1a": "hada_w1_a", "w1b": "hada_w1_b", "w2a": "hada_w2_a", "w2b": "hada_w2_b", "t1": "hada_t1", "t2": "hada_t2",
+    "k_w1": "lokr_w1", "k_w1a": "lokr_w1_a", "k_w1b": "lokr_w1_b", "k_w2": "lokr_w2", "k_w2a": "lokr_w2_a",
+    "k_w2b": "lokr_w2_b", "k_t2": "lokr_t2",
+}
+
+
 def build_module(parts: dict[str, Tensor], *, source: Any = None, name: str = "") -> AdapterModule:
-    """One canonical module from its tensors (LoRA / LoHa / LoKr / diff, with alpha, DoRA, bias)."""
-    alpha = _scalar(parts["alpha"]) if "alpha" in parts else None
-    bias, bias_scaled = None, True
-    if "down" in parts or "up" in parts:
-        for f, n in (("down", "lora_down / lora_A"), ("up", "lora_up / lora_B")):
-            if f not in parts:
-                raise FormatError(f"module is missing its {n} tensor", path=source, tensor=name)
-        d: Any = LoRA(down=parts["down"], up=parts["up"], mid=parts.get("mid"))
-        rank = d.rank
-        scale = alpha / rank if alpha is not None else 1.0
-        out, inn = int(d.up.shape[0]), int(d.down.shape[1])
-        layout = Layout("linear", False, (out, inn)) if d.down.dim() == 2 else \
-            Layout("conv", False, (out, inn, *(d.mid.shape[2:] if d.mid is not None else d.down.shape[2:])))
-        bias = parts.get("lora_bias")
-    elif "w1a" in parts:
-        for f in ("w1a", "w1b", "w2a", "w2b"):
-            if f not in parts:
-                raise FormatError(f"LoHa module is missing hada_{f[:2]}_{f[2]}", path=source, tensor=name)
-        d = LoHa(parts["w1a"], parts["w1b"], parts["w2a"], parts["w2b"], parts.get("t1"), parts.get("t2"))
-        scale = alpha / d.rank if alpha is not None else 1.0
-        layout = Layout("linear", False, (int(d.w1a.shape[0]), int(d.w1b.shape[1]))) if d.t1 is None else \
-            Layout("conv", False, (int(d.w1a.shape[1]), int(d.w1b.shape[1]), *d.t1.shape[2:]))
-    elif any(k.startswith("k_") for k in parts):
-        d = LoKr(**{k[2:]: v for k, v in parts.items() if k.startswith("k_")})
-        if d.w1 is None and (d.w1a is None or d.w1b is None):
-            raise FormatError("LoKr module is missing lokr_w1 (or lokr_w1_a/_b)", path=source, tensor=name)
-        if d.w2 is None and (d.w2a is None or d.w2b is None):
-            raise FormatError("LoKr module is missing lokr_w2 (or lokr_w2_a/_b)", path=source, tensor=name)
-        # LyCORIS/ComfyUI: alpha/dim only when a factor is decomposed; full LoKr has scale 1.
-        dim = d.w2b.shape[0] if d.w2b is not None else (d.w1b.shape[0] if d.w1b is not None else None)
-        scale = alpha / dim if (alpha is not None and dim is not None) else 1.0
-        f1 = d.w1 if d.w1 is not None else d.w1a @ d.w1b
-        f2 = d.w2 if d.w2 is not None else None
-        o2 = f2.shape[0] if f2 is not None else (d.w2a.shape[0] if d.t2 is None else d.w2a.shape[1])
-        i2 = f2.shape[1] if f2 is not None else (d.w2b.shape[1])
-        kind = "conv" if (f2 is not None and f2.dim() > 2) or d.t2 is not None else "linear"
-        layout = Layout(kind, False, (int(f1.shape[0] * o2), int(f1.shape[1] * i2)) if kind == "linear" else None)
-    elif "diff" in parts:
-        d = FullDiff(parts["diff"])
-        scale = 1.0
-        layout = Layout("linear" if d.diff.dim() == 2 else "conv", False, tuple(d.diff.shape))
-        alpha = None
-        if "diff_b" in parts:
-            bias, bias_scaled = parts["diff_b"], False
-    else:
-        raise FormatError("no adapter weights for this module (only " + ", ".join(sorted(parts)) + ")",
-                          path=source, tensor=name)
-    if "diff_b" in parts and bias is None:
-        bias, bias_scaled = parts["diff_b"], False
-    magnitude = parts.get("magnitude")
-    if "dora_scale" in parts:
-        ds = parts["dora_scale"]
-        out = layout.weight_shape[0] if layout.weight_shape else None
-        if ds.dim() >= 2 and ds.shape[0] == 1 and ds.numel() != out:
-            raise FormatError(
-                f"dora_scale has shape {tuple(ds.shape)}: column-wise DoRA (legacy LyCORIS / OneTrainer, norm over "
-                "the input axis); PEFT's DoRA normalises output rows and cannot express it", path=source, tensor=name)
-        magnitude = ds.reshape(-1)
-    return AdapterModule(delta=d, scale=scale, layout=layout, magnitude=magnitude, bias=bias, alpha=alpha,
-                         bias_scaled=bias_scaled)
+    """One canonical module from its tensors (LoRA / LoHa / LoKr / diff, alpha, DoRA, bias).
+
+    The kohya/LyCORIS semantics (alpha/r, missing alpha = 1, full LoKr = 1, ``dora_scale`` axes) come from
+    :func:`peft_surgery.formats.kohya.parse_kohya_module`; PEFT-style extras (``lora_B.bias``, which PEFT
+    scales, and ``lora_magnitude_vector``) are added here.
+    """
+    from .kohya import parse_kohya_module
+
+    parts = dict(parts)
+    lora_bias = parts.pop("lora_bias", None)
+    magnitude = parts.pop("magnitude", None)
+    mod = parse_kohya_module({_KOHYA_SUFFIX[k]: v for k, v in parts.items()}, name=name, path=source)
+    if lora_bias is not None:
+        if mod.bias is not None:
+            raise FormatError("module has both lora_B.bias and diff_b", path=source, tensor=name)
+        mod = mod.replace(bias=lora_bias, bias_scaled=True)
+    if magnitude is not None:
+        mod = mod.replace(magnitude=magnitude.reshape(-1), magnitude_axis="out")
+    return mod
 
 
 def read(ckpt: Checkpoint, *, base: Any = None, skip_unresolved: bool = False, dims: table.FluxDims | None = None,
@@ -468,56 +443,20 @@ def _fold(m: AdapterModule) -> AdapterModule:
     return m.replace(delta=LoRA(down=d.down, up=up, mid=d.mid), scale=1.0, alpha=None, bias=bias)
 
 
-def _module_tensors(prefix: str, m: AdapterModule, *, names_style: str, name: str, force_unit_alpha: bool = False
-                    ) -> dict[str, Tensor]:
-    """Tensors of one module under ``prefix`` in kohya/LyCORIS (``lora_down``) or PEFT (``lora_A``) suffixes."""
-    out: dict[str, Tensor] = {}
+def _peft_tensors(prefix: str, m: AdapterModule, *, xlabs: bool = False, name: str = "") -> dict[str, Tensor]:
+    """A scale-1 LoRA under ``prefix`` with PEFT (``lora_A/lora_B``) or xlabs (``down/up``) suffixes."""
     d = m.delta
-    if force_unit_alpha and isinstance(d, LoRA):
-        m = _fold(m)
-        d = m.delta
-    if isinstance(d, LoRA):
-        if names_style == "peft":
-            out[f"{prefix}.lora_A.weight"], out[f"{prefix}.lora_B.weight"] = d.down, d.up
-        elif names_style == "xlabs":
-            out[f"{prefix}.down.weight"], out[f"{prefix}.up.weight"] = d.down, d.up
-        else:
-            out[f"{prefix}.lora_down.weight"], out[f"{prefix}.lora_up.weight"] = d.down, d.up
-            if d.mid is not None:
-                out[f"{prefix}.lora_mid.weight"] = d.mid
-        rank = d.rank
-    elif isinstance(d, LoHa):
-        for f, s in (("w1a", "w1_a"), ("w1b", "w1_b"), ("w2a", "w2_a"), ("w2b", "w2_b"), ("t1", "t1"), ("t2", "t2")):
-            if getattr(d, f) is not None:
-                out[f"{prefix}.hada_{s}"] = getattr(d, f)
-        rank = d.rank
-    elif isinstance(d, LoKr):
-        for f, s in (("w1", "w1"), ("w1a", "w1_a"), ("w1b", "w1_b"), ("w2", "w2"), ("w2a", "w2_a"), ("w2b", "w2_b"),
-                     ("t2", "t2")):
-            if getattr(d, f) is not None:
-                out[f"{prefix}.lokr_{s}"] = getattr(d, f)
-        rank = d.rank if d.rank else None
-        if rank is None and m.scale != 1.0:
-            # LyCORIS/ComfyUI give a full-matrix LoKr scale 1: fold the scale into w1 (the small factor).
-            out[f"{prefix}.lokr_w1"] = (d.w1.to(torch.float32) * m.scale).to(d.w1.dtype)
-    else:
-        out[f"{prefix}.diff"] = (d.diff.to(torch.float32) * m.scale).to(d.diff.dtype) if m.scale != 1 else d.diff
-        rank = None
-    if names_style == "kohya" and rank:
-        out[f"{prefix}.alpha"] = torch.tensor(float(m.scale * rank), dtype=torch.float32)
-    elif names_style != "kohya" and m.scale != 1.0 and not isinstance(d, FullDiff):
-        raise SurgeryError("this layout has no alpha; fold the scale first", tensor=name)
+    if not isinstance(d, LoRA) or d.mid is not None or m.scale != 1.0:
+        raise SurgeryError("this layout holds plain scale-1 LoRA only", tensor=name)
+    if xlabs:
+        return {f"{prefix}.down.weight": d.down, f"{prefix}.up.weight": d.up}
+    out = {f"{prefix}.lora_A.weight": d.down, f"{prefix}.lora_B.weight": d.up}
     if m.bias is not None:
-        if names_style == "peft" and (m.bias_scaled or m.scale == 1.0):
-            out[f"{prefix}.lora_B.bias"] = m.bias
-        else:
-            b = m.bias_delta()
-            out[f"{prefix}.diff_b"] = b.to(m.bias.dtype)
+        out[f"{prefix}.lora_B.bias"] = m.bias  # scale is 1: scaled and unscaled biases agree
     if m.magnitude is not None:
-        if names_style == "peft":
-            out[f"{prefix}.lora_magnitude_vector"] = m.magnitude.reshape(-1)
-        else:
-            out[f"{prefix}.dora_scale"] = m.magnitude.reshape(-1, 1)
+        if m.magnitude_axis != "out":
+            raise SurgeryError("PEFT-style DoRA needs output-row magnitudes", tensor=name)
+        out[f"{prefix}.lora_magnitude_vector"] = m.magnitude.reshape(-1)
     return out
 
 
@@ -558,7 +497,7 @@ def state_dict(adapter: Adapter, *, style: str = "kohya", dims: table.FluxDims |
                 raise SurgeryError(f"the diffusers/ai-toolkit Flux layout only holds LoRA; this module is {m.kind} "
                                    "(write style=kohya or comfy, or convert --type lora)", tensor=name)
             folded += m.scale != 1.0
-            tensors.update(_module_tensors(name, _fold(m), names_style="peft", name=name))
+            tensors.update(_peft_tensors(name, _fold(m), name=name))
         if folded:
             notes.append(f"no alpha in this layout: the scale of {folded} modules was folded into lora_B")
         for k, v in adapter.modules_to_save.items():
@@ -582,7 +521,7 @@ def state_dict(adapter: Adapter, *, style: str = "kohya", dims: table.FluxDims |
             if m.kind != "lora" or m.is_dora or m.bias is not None:
                 raise SurgeryError("the xlabs layout only holds plain LoRA", tensor=n)
             folded += m.scale != 1.0
-            tensors.update(_module_tensors(rev[n], _fold(m), names_style="xlabs", name=n))
+            tensors.update(_peft_tensors(rev[n], _fold(m), xlabs=True, name=n))
         if folded:
             notes.append(f"xlabs has no alpha: the scale of {folded} modules was folded into up")
         return tensors, notes, {"format": "pt"}
@@ -594,18 +533,26 @@ def state_dict(adapter: Adapter, *, style: str = "kohya", dims: table.FluxDims |
         unet = lambda n: "diffusion_model." + n  # noqa: E731
         te = lambda n: "text_encoders.clip_l.transformer." + n[len(TE):]  # noqa: E731
         te2 = lambda n: "text_encoders.t5xxl.transformer." + n[len(TE2):]  # noqa: E731
+    from .kohya import kohya_module_tensors
+
     unit_alpha = 0
     for n, m in native.items():
         # diffusers' kohya-Flux converter ignores alpha on final_layer modules: bake the scale in for them.
         force = n.startswith("final_layer") and m.kind == "lora" and m.scale != 1.0
         unit_alpha += force
-        t = _module_tensors(unet(n), m, names_style="kohya", name=n, force_unit_alpha=force)
-        tensors.update(t)
-        if m.rank:
+        if force:
+            m = _fold(m)
+        t, more = kohya_module_tensors(m, name=n)
+        notes.extend(more)
+        tensors.update({f"{unet(n)}.{k}": v for k, v in t.items()})
+        if m.rank and "alpha" in t:
             ranks.append(m.rank)
-            alphas.append((1.0 if force else m.scale) * m.rank)
+            alphas.append(float(t["alpha"]))
     for n, m in others.items():
-        tensors.update(_module_tensors(te(n) if n.startswith(TE) else te2(n), m, names_style="kohya", name=n))
+        t, more = kohya_module_tensors(m, name=n)
+        notes.extend(more)
+        prefix = te(n) if n.startswith(TE) else te2(n)
+        tensors.update({f"{prefix}.{k}": v for k, v in t.items()})
     if unit_alpha:
         notes.append(f"final_layer modules ({unit_alpha}) written with alpha = rank and the scale folded into "
                      "lora_up (diffusers ignores their alpha)")

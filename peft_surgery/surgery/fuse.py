@@ -57,12 +57,15 @@ def _in_features(m: AdapterModule) -> int:
 def fuse_rows(parts: Sequence[AdapterModule | None], sizes: Sequence[int]) -> tuple[AdapterModule, str]:
     """One module whose ΔW stacks the parts' ΔW along rows (``None`` parts are zero rows).
 
-    Returns (module, method) with method ``lora-block-diagonal``, ``loha-block-diagonal`` or ``full``.
+    Returns (module, method): ``lora-shared-down`` (parts share one A, e.g. after a copy-down split: B rows
+    stack and the rank stays), ``lora-block-diagonal``, ``loha-block-diagonal`` or ``full``.
     The scale is the first present part's scale; other parts' scale ratios are folded into their rows.
     """
     present = [p for p in parts if p is not None]
     if not present:
         raise ValueError("nothing to fuse: every part is missing")
+    if any(p.is_dora and p.magnitude_axis != "out" for p in present):
+        raise ValueError("column-wise (input-axis) DoRA norms span every row; parts cannot be fused")
     for p, n in zip(parts, sizes):
         if p is not None and p.layout.kind != "linear":
             raise ValueError("only linear modules can be fused")
@@ -84,6 +87,15 @@ def fuse_rows(parts: Sequence[AdapterModule | None], sizes: Sequence[int]) -> tu
     bias = torch.cat(biases) if biases is not None else None
     magnitude = torch.cat(mags) if mags is not None else None
     layout = _linear_layout(sum(sizes), inn)
+    if kinds == {"lora"} and all(p.delta.mid is None for p in present) and len(present) > 1 and all(
+            p.scale == scale and p.delta.down.shape == present[0].delta.down.shape
+            and torch.equal(p.delta.down, present[0].delta.down) for p in present):
+        # Parts that share one A (what a copy-down split produced): B rows simply stack, rank unchanged.
+        d0 = present[0].delta
+        up = torch.cat([p.delta.up if p is not None else d0.up.new_zeros(n, d0.rank) for p, n in zip(parts, sizes)])
+        mod = AdapterModule(LoRA(down=d0.down, up=up), scale=scale, layout=layout, magnitude=magnitude, bias=bias,
+                            alpha=present[0].alpha, bias_scaled=True)
+        return mod, "lora-shared-down"
     if kinds == {"lora"} and all(p.delta.mid is None for p in present):
         ref = present[0].delta.down
         downs, ups, ranks = [], [], []
@@ -162,6 +174,8 @@ def split_rows(m: AdapterModule, sizes: Sequence[int], *, drop_zero: bool = True
     """Split a fused module into ``len(sizes)`` row blocks. Parts whose ΔW is exactly zero are ``None`` when
     ``drop_zero``. Returns (parts, method): ``chunk``, ``copy-down``, ``loha-rows``, ``lokr-w1-rows``, ``full``.
     """
+    if m.is_dora and m.magnitude_axis != "out":
+        raise ValueError("column-wise (input-axis) DoRA norms span every row; the module cannot be split")
     total = sum(sizes)
     shape = m.layout.math_shape()
     d = m.delta
