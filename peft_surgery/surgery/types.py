@@ -167,6 +167,10 @@ def product_svd(m: AdapterModule) -> tuple[linalg.SVD, str, int]:
         factors = lokr_factors(d)
     if factors is not None:
         up, down = factors
+        # drop rank-one terms that vanish (e.g. the zero padding of an exact LoRA → LoHa ones factor)
+        keep = up.any(dim=0) & down.any(dim=1)
+        if not bool(keep.all()) and bool(keep.any()):
+            up, down = up[:, keep], down[keep]
         out, inn = up.shape[0], down.shape[1]
         k = up.shape[1]
         if k < min(out, inn):
