@@ -241,3 +241,32 @@ def test_cuda_matches_cpu(tmp_path, cuda_device):
     assert gpu["w"].delta.up.device.type == "cpu"  # only factors come back, on CPU
     assert torch.allclose(gpu["w"].delta_weight(), cpu["w"].delta_weight(), atol=1e-5)
     assert torch.equal(gpu.modules_to_save["n.weight"], cpu.modules_to_save["n.weight"])
+
+
+def test_background_reader_gives_same_result_and_passes_errors(tmp_path, monkeypatch):
+    import sys
+
+    from peft_surgery.checkpoint import Checkpoint
+    from peft_surgery.errors import SurgeryError
+
+    mod = sys.modules["peft_surgery.extract"]
+    g = torch.Generator().manual_seed(6)
+    base = {f"l{i}.weight": torch.randn(40, 30, generator=g) for i in range(5)}
+    deltas = {k: _low_rank(40, 30, 2, i, torch.float32) for i, k in enumerate(base)}
+    b, f = _pair(tmp_path, deltas, base)
+    inline, _ = extract_adapter(b, f, rank=2, svd="randomized")
+    monkeypatch.setattr(mod, "_overlap_reads", lambda device: True)
+    threaded, _ = extract_adapter(b, f, rank=2, svd="randomized")
+    for name in inline.modules:
+        assert torch.equal(inline[name].delta.up, threaded[name].delta.up)
+
+    real = Checkpoint.get_tensor
+
+    def failing(self, key):
+        if key == "l3.weight":
+            raise SurgeryError("cannot read tensor: simulated", path=self.source, tensor=key)
+        return real(self, key)
+
+    monkeypatch.setattr(Checkpoint, "get_tensor", failing)
+    with pytest.raises(SurgeryError, match="l3.weight"):
+        extract_adapter(b, f, rank=2)

@@ -25,7 +25,8 @@ from .common import allow_pickle_option, device_option, dtype_option, echo_json,
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @click.option("--alpha", type=float, default=None, help="lora_alpha to write (default: alpha = rank, scale 1).")
 @click.option("--rslora", is_flag=True, help="Write use_rslora (scale = alpha/√r).")
-@click.option("--distribute-scale", is_flag=True, help="Split singular values as √S into A and B (default: all in B).")
+@click.option("--distribute-scale", is_flag=True,
+              help="Split singular values as √S into A and B (default: all in B).")
 @click.option("--embed-lora", is_flag=True, help="LoRA on embeddings/lm_head instead of saving them whole.")
 @click.option("--skip-1d", is_flag=True, help="Leave out changed 1-D tensors (norms, biases).")
 @click.option("--skip-mismatched", is_flag=True, help="Skip tensors whose names or shapes differ, and report them.")
