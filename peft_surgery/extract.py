@@ -675,7 +675,8 @@ def _process(task: Task, b: Tensor, f: Tensor, st: _State, base_ckpt: Checkpoint
         st.report.skipped["unchanged"].append(task.key)
         return
     work = torch.float64 if torch.float64 in (b.dtype, f.dtype) else torch.float32
-    diff = f.to(work) - b.to(work)
+    diff = f.to(work)  # one float copy; subtracting in place (the bf16/fp16 operand is promoted on the fly)
+    diff = diff.sub_(b) if diff.data_ptr() != f.data_ptr() else diff - b
     amax = float(diff.abs().max())
     if not math.isfinite(amax):
         # NaN/Inf in either input makes ΔW non-finite; only now pay for finding (and naming) the culprit.
