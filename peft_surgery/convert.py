@@ -29,6 +29,19 @@ def convert_adapter(adapter: Adapter, *, to_type: str | None = None, rank: int |
     return convert_type(adapter, to_type, rank=rank, energy=energy, report=report)
 
 
+# Generic targets that have a dedicated writer for Flux adapters (Flux's kohya/diffusers layouts are not the
+# SD ones: fused BFL names for kohya, split transformer.* names for diffusers).
+FLUX_TARGETS = {"kohya": "flux-kohya", "diffusers": "flux-diffusers"}
+
+
+def _route_target(adapter: Adapter, to: str) -> str:
+    if to not in FLUX_TARGETS:
+        return to
+    from .formats.flux import is_flux_adapter
+
+    return FLUX_TARGETS[to] if is_flux_adapter(adapter) else to
+
+
 def convert(
     input_path: str | os.PathLike | Adapter,
     output: str | os.PathLike,
@@ -70,7 +83,11 @@ def convert(
         write_options.setdefault("base", base)
     if arch != "auto":
         write_options.setdefault("arch", arch)
-    notes = save_adapter(adapter, output, format=to, overwrite=overwrite, inputs=inputs, **write_options)
+    target = _route_target(adapter, to)
+    if target != to:
+        report.notes.append(f"Flux adapter: wrote '--to {to}' with the {target} writer (Flux's own {to} layout)")
+        report.target_format = target
+    notes = save_adapter(adapter, output, format=target, overwrite=overwrite, inputs=inputs, **write_options)
     report.notes.extend(notes)
     report.num_modules = len(adapter.modules)
     report.totals = {"modules": len(adapter.modules), "parameters": adapter.num_params}

@@ -348,3 +348,21 @@ def test_cli_convert_kohya_flux_to_comfy_and_peft(tmp_path, corpus):
     r = CliRunner().invoke(cli, ["convert", str(tmp_path / "missing.safetensors"), "--to", "flux-kohya",
                                  "-o", str(tmp_path / "k.safetensors")])
     assert r.exit_code != 0 and not (tmp_path / "k.safetensors").exists()
+
+
+def test_generic_targets_route_flux_adapters_to_flux_writers(tmp_path, corpus):
+    """`--to kohya` / `--to diffusers` on a Flux adapter must give Flux's layouts, not SD-style flattened names."""
+    from click.testing import CliRunner
+
+    from peft_surgery.cli.main import cli
+
+    src = layout_file(corpus, "flux_lora_diffusers_format", tmp_path)
+    for to, prefix in (("kohya", "lora_unet_"), ("diffusers", "transformer.")):
+        out = tmp_path / f"{to}.safetensors"
+        r = CliRunner().invoke(cli, ["convert", str(src), "--to", to, "-o", str(out)])
+        assert r.exit_code == 0, r.output
+        keys = list(load_file(str(out)).keys())
+        assert keys and all(k.startswith(prefix) for k in keys), keys[:3]
+        if to == "kohya":
+            assert any("double_blocks" in k for k in keys)
+        assert_same_deltas(load_adapter(src), load_adapter(out), dense=False)

@@ -139,6 +139,20 @@ def _dims_for(base: Any) -> table.FluxDims:
         return table.FluxDims()
 
 
+def is_flux_adapter(adapter: Adapter) -> bool:
+    """True when the adapter was read from a Flux layout or its modules are Flux transformer modules.
+
+    Used to route generic targets (``--to kohya``/``--to diffusers``) to the Flux writers.
+    """
+    if adapter.source_format == "flux":
+        return True
+    diffusers_names = names_for(table.FluxDims()).diffusers
+    transformer = [n.removeprefix("transformer.") for n in adapter.modules if n.startswith("transformer.")]
+    return bool(transformer) and any(n in diffusers_names for n in transformer) and any(
+        n.startswith(("single_transformer_blocks.", "transformer_blocks.")) and ".attn.add_" in n
+        or n.startswith("single_transformer_blocks.") for n in transformer)
+
+
 # --------------------------------------------------------------------------------------------------------
 # key parsing
 # --------------------------------------------------------------------------------------------------------
@@ -595,4 +609,4 @@ for _style in STYLES:
     register(FormatSpec(f"flux-{_style}", lambda ckpt: None, read, _writer(_style), output_is_dir=False,
                         description=f"Flux.1 LoRA file in the {_style} layout"))
 
-__all__ = ["STYLES", "build_module", "detect", "native_to_parts", "parse_key", "read", "state_dict", "write"]
+__all__ = ["STYLES", "build_module", "detect", "is_flux_adapter", "native_to_parts", "parse_key", "read", "state_dict", "write"]
