@@ -490,3 +490,23 @@ def test_cli_convert_and_inspect_kohya(corpus, tmp_path):
     rep = json.loads(res.output)
     assert rep["source_format"] == "kohya" and rep["num_modules"] == 350
     assert any("resolved against built-in sd1" in n for n in rep["notes"])
+
+
+def test_llm_adapter_to_kohya_with_llm_base_is_refused(tmp_path):
+    """kohya/diffusers naming is for diffusion components: an LLM base must not be treated as a UNet."""
+    from click.testing import CliRunner
+
+    from peft_surgery.cli.main import cli
+
+    from .conftest import FIXTURES
+    from .models import save, tiny_llama
+
+    save(tiny_llama(seed=0), tmp_path / "base")
+    out = tmp_path / "k.safetensors"
+    r = CliRunner().invoke(cli, ["convert", str(FIXTURES / "tiny_peft_lora"), "--to", "kohya", "--base",
+                                 str(tmp_path / "base"), "-o", str(out)])
+    assert r.exit_code == 2
+    line = r.output.strip()
+    assert len(line.splitlines()) == 1 and "LlamaForCausalLM is not a diffusion-model component" in line
+    assert "config.json" in line
+    assert not out.exists()

@@ -246,7 +246,7 @@ def tables_from_base(base: str | os.PathLike, *, default_component: str = "unet"
         path = resolve_location(str(base))
     if path.is_file() and path.suffix == ".json":
         cfg = json.loads(path.read_text())
-        comp = _component_for_config(cfg, default_component)
+        comp = _component_for_config(cfg, default_component, path)
         return {comp: table_from_config(comp, cfg, str(path))}
     if path.is_dir():
         comps = _component_config_dirs(path)
@@ -255,7 +255,7 @@ def tables_from_base(base: str | os.PathLike, *, default_component: str = "unet"
                     for c, p in comps.items()}
         if (path / "config.json").exists():
             cfg = json.loads((path / "config.json").read_text())
-            comp = _component_for_config(cfg, default_component)
+            comp = _component_for_config(cfg, default_component, path / "config.json")
             return {comp: table_from_config(comp, cfg, str(path))}
     ckpt = Checkpoint.open(path)
     shapes = {k: ckpt.shape(k) for k in ckpt.keys()}
@@ -273,7 +273,7 @@ def tables_from_base(base: str | os.PathLike, *, default_component: str = "unet"
     return out
 
 
-def _component_for_config(cfg: dict[str, Any], default: str) -> str:
+def _component_for_config(cfg: dict[str, Any], default: str, source: Any = None) -> str:
     cls = str(cfg.get("_class_name") or (cfg.get("architectures") or [""])[0])
     if cls.startswith("UNet"):
         return "unet"
@@ -283,6 +283,11 @@ def _component_for_config(cfg: dict[str, Any], default: str) -> str:
         return "text_encoder_2"
     if cls.startswith(("CLIPText", "T5")):
         return "text_encoder"
+    if not cfg.get("_class_name") and (cfg.get("architectures") or cfg.get("model_type")):
+        # A transformers model that is not a diffusion text encoder (an LLM, say): diffusion naming doesn't apply.
+        raise FormatError(f"{cls or cfg.get('model_type')} is not a diffusion-model component; kohya/diffusers "
+                          "LoRA names exist for UNet, text-encoder and Flux transformer modules "
+                          "(write LLM adapters with --to peft or --to mlx)", path=source)
     return default
 
 
