@@ -372,3 +372,35 @@ def test_cli_extract_by_repo_id_offline(tmp_path):
     local = load_adapter(tmp_path / "out-local")
     for name in deltas:
         assert torch.equal(local[name].delta_weight(), adapter[name].delta_weight()), name
+
+
+def test_subfolder_option_on_every_reading_command(tmp_path, hub_cache):
+    """`--subfolder DIR` narrows the input to a sub-folder, for local folders and Hub repo ids alike."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from peft_surgery import load_adapter
+    from peft_surgery.cli.common import with_subfolder
+    from peft_surgery.cli.main import cli
+
+    from .conftest import FIXTURES
+
+    assert with_subfolder("org/pipe@v2", "unet") == "hf://org/pipe@v2/unet"
+    assert with_subfolder("hf://org/pipe/a", "unet") == "hf://org/pipe/a/unet"
+    pipe = tmp_path / "pipe"
+    shutil.copytree(FIXTURES / "tiny_peft_lora", pipe / "unet")
+    populate_hub_cache(hub_cache, "org/pipe-lora", pipe)
+    expected = load_adapter(FIXTURES / "tiny_peft_lora")
+    for i, src in enumerate([str(pipe), "org/pipe-lora"]):
+        r = CliRunner().invoke(cli, ["inspect", src, "--subfolder", "unet", "--json"])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output)["ranks"] == expected.ranks()
+        out = tmp_path / f"resized{i}"
+        r = CliRunner().invoke(cli, ["resize", src, "--subfolder", "unet", "--rank", "2", "-o", str(out), "-q"])
+        assert r.exit_code == 0, r.output
+        assert set(load_adapter(out).ranks().values()) == {2}
+    # without --subfolder the folder reads as a per-component adapter: the same modules under 'unet.'
+    r = CliRunner().invoke(cli, ["inspect", str(pipe), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["ranks"] == {f"unet.{k}": v for k, v in expected.ranks().items()}

@@ -11,6 +11,7 @@ weights_option = click.option("--weights", default=None, metavar="W1,W2,…",
                               help="One weight per adapter, comma-separated (default: all 1.0).")
 format_option = click.option("--format", "out_format", default="peft", show_default=True,
                              help="Output adapter format (peft, diffusers, kohya, lycoris, mlx, …).")
+from .common import subfolder_option
 
 
 def _emit(report, as_json: bool, quiet: bool) -> None:
@@ -31,6 +32,7 @@ def _emit(report, as_json: bool, quiet: bool) -> None:
 @json_option
 @quiet_option
 @hub_options
+@subfolder_option('base', what='BASE')
 @handle_errors
 def merge_cmd(base, adapters, weights, device, output, overwrite, allow_pickle, as_json, quiet, push_to_hub, private,
               commit_message):
@@ -67,6 +69,7 @@ def merge_cmd(base, adapters, weights, device, output, overwrite, allow_pickle, 
 @json_option
 @quiet_option
 @hub_options
+@subfolder_option('merged', what='MERGED')
 @handle_errors
 def unmerge_cmd(merged, adapters, weights, ignore_modules_to_save, device, output, overwrite, allow_pickle, as_json,
                 quiet, push_to_hub, private, commit_message):
@@ -110,6 +113,7 @@ def unmerge_cmd(merged, adapters, weights, ignore_modules_to_save, device, outpu
 @json_option
 @quiet_option
 @hub_options
+@subfolder_option('adapters', what='every ADAPTER')
 @handle_errors
 def combine_cmd(adapters, method, weights, rank, energy, density, majority, seed, out_format, output, overwrite,
                 allow_pickle, as_json, quiet, push_to_hub, private, commit_message):
@@ -148,6 +152,7 @@ def combine_cmd(adapters, method, weights, rank, energy, density, majority, seed
 @json_option
 @quiet_option
 @hub_options
+@subfolder_option('adapter', what='ADAPTER')
 @handle_errors
 def rescale_cmd(adapter, to_rslora, to_lora, alpha, config_only, strength, fold_scale, out_format, output, overwrite,
                 allow_pickle, as_json, quiet, push_to_hub, private, commit_message):
@@ -187,6 +192,7 @@ def rescale_cmd(adapter, to_rslora, to_lora, alpha, config_only, strength, fold_
 @json_option
 @quiet_option
 @hub_options
+@subfolder_option('adapter', what='ADAPTER')
 @handle_errors
 def resize_cmd(adapter, rank, energy, sv_ratio, max_rank, device, out_format, output, overwrite, allow_pickle,
                as_json, quiet, push_to_hub, private, commit_message):

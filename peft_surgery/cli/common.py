@@ -153,3 +153,43 @@ def maybe_push(output: str, push_to_hub: str | None, *, private: bool = False, c
                       kind=kind, base_model=base_model, command=shlex.join(["peft-surgery", *sys.argv[1:]]))
     if not quiet:
         click.echo(f"pushed to {url}")
+
+
+def with_subfolder(location: str, subfolder: str | None) -> str:
+    """``location`` narrowed to ``subfolder``: a local path gets ``/subfolder``; a Hub id ``org/name[@rev]``
+    (or ``hf://…``) becomes ``hf://org/name[@rev]/subfolder``."""
+    if not subfolder:
+        return location
+    from pathlib import Path
+
+    from ..checkpoint import is_hub_id, parse_hf_url
+
+    parsed = parse_hf_url(location)
+    if parsed is not None:
+        repo, path = parsed
+        return f"hf://{repo}/" + "/".join(x for x in (path, subfolder.strip("/")) if x)
+    if is_hub_id(location):
+        return f"hf://{location}/{subfolder.strip('/')}"
+    return str(Path(location) / subfolder)
+
+
+def subfolder_option(*arguments: str, what: str = "the input") -> Callable:
+    """Add ``--subfolder`` to a command: it narrows the named arguments (local folders or Hub repos) to a
+    sub-folder, e.g. ``unet`` of a diffusers pipeline."""
+
+    def decorator(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, subfolder: str | None = None, **kwargs: Any) -> Any:
+            if subfolder:
+                for name in arguments:
+                    value = kwargs.get(name)
+                    if isinstance(value, (list, tuple)):
+                        kwargs[name] = type(value)(with_subfolder(v, subfolder) for v in value)
+                    elif value is not None:
+                        kwargs[name] = with_subfolder(value, subfolder)
+            return fn(*args, **kwargs)
+
+        return click.option("--subfolder", default=None, metavar="DIR",
+                            help=f"Read {what} from this sub-folder of a local folder or Hub repo (e.g. unet).")(wrapper)
+
+    return decorator

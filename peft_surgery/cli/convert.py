@@ -7,6 +7,7 @@ import click
 from ..convert import convert
 from .common import allow_pickle_option, echo_json, handle_errors, hub_options, json_option, maybe_push, \
     output_option, overwrite_option, quiet_option
+from .common import subfolder_option
 
 
 @click.command("convert")
@@ -26,6 +27,7 @@ from .common import allow_pickle_option, echo_json, handle_errors, hub_options, 
 @json_option
 @quiet_option
 @hub_options
+@subfolder_option('input_path', what='IN')
 @handle_errors
 def convert_cmd(input_path, to_format, from_format, to_type, base, arch, rank, energy, skip_unresolved, output,
                 overwrite, allow_pickle, as_json, quiet, push_to_hub, private, commit_message):

@@ -6,6 +6,7 @@ import click
 
 from .common import allow_pickle_option, device_option, echo_json, handle_errors, hub_options, json_option, \
     maybe_push, output_option, overwrite_option, parse_dtype, quiet_option, resolve_device
+from .common import subfolder_option
 
 
 @click.group("init")
@@ -63,6 +64,7 @@ def _make_init_command(method: str, summary: str, extra_help: str):
     @json_option
     @quiet_option
     @hub_options
+    @subfolder_option("base", what="BASE")
     @handle_errors
     def cmd(base, rank, target_modules, alpha, rslora, dtype, quantize, seed, device, output, overwrite,
             allow_pickle, as_json, quiet, push_to_hub, private, commit_message, niter=None):
@@ -110,6 +112,7 @@ milora_cmd = _make_init_command(
 @json_option
 @quiet_option
 @hub_options
+@subfolder_option('trained', what='TRAINED_ADAPTER')
 @handle_errors
 def to_lora_cmd(trained, initial, base, method, rank, device, output, overwrite, allow_pickle, as_json, quiet,
                 push_to_hub, private, commit_message):

@@ -6,6 +6,7 @@ import click
 
 from ..describe import describe
 from .common import allow_pickle_option, echo_json, format_table, handle_errors, human_bytes, json_option
+from .common import subfolder_option
 
 
 @click.command("inspect")
@@ -15,6 +16,7 @@ from .common import allow_pickle_option, echo_json, format_table, handle_errors,
 @click.option("--format", "fmt", default="auto", show_default=True, help="Force a format instead of detecting it.")
 @click.option("--base", default=None, help="Base model (checkpoint or config) to resolve flattened kohya names.")
 @allow_pickle_option
+@subfolder_option('path', what='PATH')
 @handle_errors
 def inspect_cmd(path: str, as_json: bool, norms: bool, fmt: str, base: str | None, allow_pickle: bool) -> None:
     """Describe a checkpoint or adapter: format (with evidence), modules, ranks, scales, size.

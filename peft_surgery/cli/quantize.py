@@ -18,6 +18,7 @@ from .common import (
     quiet_option,
     resolve_device,
 )
+from .common import subfolder_option
 
 
 def _split(text: str | None) -> list[str]:
@@ -68,6 +69,7 @@ plot_option = click.option("--plot", default=None, metavar="FILE.png",
 @json_option
 @quiet_option
 @hub_options
+@subfolder_option('model', what='MODEL')
 @handle_errors
 def quantize_cmd(model, output, quant_type, double_quant, blocksize, compute_dtype, quant_storage, skip, report_path,
                  plot, max_shard_size, device, overwrite, allow_pickle, as_json, quiet, push_to_hub, private,
@@ -107,6 +109,7 @@ def quantize_cmd(model, output, quant_type, double_quant, blocksize, compute_dty
 @json_option
 @quiet_option
 @hub_options
+@subfolder_option('qmodel', what='QMODEL')
 @handle_errors
 def dequantize_cmd(qmodel, output, dtype, max_shard_size, device, overwrite, allow_pickle, as_json, quiet,
                    push_to_hub, private, commit_message):
@@ -143,6 +146,7 @@ def dequantize_cmd(qmodel, output, dtype, max_shard_size, device, overwrite, all
 @allow_pickle_option
 @json_option
 @quiet_option
+@subfolder_option('model', what='MODEL')
 @handle_errors
 def quant_error_cmd(model, methods, double_quant, blocksize, skip, top, report_path, plot, device, allow_pickle,
                     as_json, quiet):
