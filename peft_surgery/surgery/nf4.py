@@ -4,7 +4,7 @@ Pure tensor functions (no file formats): quantize a floating tensor into bitsand
 and a :class:`QuantState4bit`, dequantize it back, and convert the state to and from the state-dict keys
 that ``bitsandbytes.nn.Linear4bit`` saves (and transformers loads).
 
-The rules follow bitsandbytes' CUDA kernels, taken as canonical (see ``docs/readme/quantize.md``):
+The rules follow bitsandbytes' CUDA kernels, taken as canonical (see the README, section "NF4 / FP4 quantization"):
 
 * blocks are runs of ``blocksize`` consecutive elements of the row-major flattened tensor; the last block may
   be partial; ``absmax`` is the float32 max |x| of each block;
