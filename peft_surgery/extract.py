@@ -39,7 +39,7 @@ from torch import Tensor
 from .adapter import Adapter, AdapterModule, Layout, LoRA, check_finite
 from .checkpoint import Checkpoint, check_output, parse_size
 from .errors import ShapeMismatchError, SurgeryError
-from .report import Report
+from .report import Report, require_matplotlib
 from .surgery.delta import alpha_for_scale, rank_scale
 from .surgery.linalg import SVD, select_rank, split_scale, truncated_svd
 from .surgery.rank import ModuleSpectrum, allocate_budget, best_uniform_rank, lora_cost_per_rank
@@ -916,18 +916,6 @@ def plot_report(report: ExtractReport, path: str | os.PathLike, *, max_modules: 
     fig.tight_layout()
     fig.savefig(str(path), dpi=110)
     plt.close(fig)
-
-
-def require_matplotlib():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot  # noqa: F401
-    except ImportError:
-        raise SurgeryError("--plot needs matplotlib (pip install 'peft-surgery[plot]' or pip install matplotlib)") \
-            from None
-    return matplotlib
 
 
 __all__ = [

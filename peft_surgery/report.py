@@ -93,4 +93,23 @@ class Report:
         return "\n".join(lines)
 
 
-__all__ = ["Report"]
+def require_matplotlib():
+    """matplotlib with the non-interactive backend, or a SurgeryError saying how to get it (for --plot).
+
+    Commands call this before doing any work, so a missing matplotlib never leaves a finished output behind an
+    error.
+    """
+    from .errors import SurgeryError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except ImportError:
+        raise SurgeryError("--plot needs matplotlib (pip install 'peft-surgery[plot]' or pip install matplotlib)") \
+            from None
+    return matplotlib
+
+
+__all__ = ["Report", "format_cell", "require_matplotlib"]

@@ -217,3 +217,22 @@ def test_cli_bad_input(kind, base, ours, tmp_path):
     if kind in ("nan", "int"):
         assert f"tensor '{key}'" in line
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_plot_without_matplotlib_fails_before_writing(tmp_path, monkeypatch):
+    """--plot needs matplotlib: without it the command stops before quantizing, so no output is left behind."""
+    import sys
+
+    from click.testing import CliRunner
+
+    from peft_surgery.cli.main import cli
+
+    from .models import save, tiny_llama
+
+    save(tiny_llama(seed=0, hidden=64, intermediate=128), tmp_path / "m")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    r = CliRunner().invoke(cli, ["quantize", str(tmp_path / "m"), "-o", str(tmp_path / "q"), "--plot",
+                                 str(tmp_path / "p.png")])
+    assert r.exit_code == 2 and "--plot needs matplotlib" in r.output
+    assert not (tmp_path / "q").exists() and not (tmp_path / "p.png").exists()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..extract import default_output_name, extract, plot_report, require_matplotlib
+from ..extract import default_output_name, extract, plot_report
+from ..report import require_matplotlib
 from .common import allow_pickle_option, device_option, dtype_option, echo_json, handle_errors, human_bytes, \
     hub_options, json_option, maybe_push, output_option, overwrite_option, parse_dtype, quiet_option
 

@@ -18,6 +18,7 @@ from .common import (
     quiet_option,
     resolve_device,
 )
+from ..report import require_matplotlib
 from .common import subfolder_option
 
 
@@ -87,6 +88,8 @@ def quantize_cmd(model, output, quant_type, double_quant, blocksize, compute_dty
     """
     from ..quantize import quantize_checkpoint
 
+    if plot:
+        require_matplotlib()  # fail before writing the model, not after
     want_errors = bool(report_path or plot)
     report = quantize_checkpoint(model, output, quant_type=quant_type, double_quant=double_quant,
                                  blocksize=blocksize, compute_dtype=compute_dtype, quant_storage=quant_storage,
@@ -160,6 +163,8 @@ def quant_error_cmd(model, methods, double_quant, blocksize, skip, top, report_p
     """
     from ..quantize import quant_error_report
 
+    if plot:
+        require_matplotlib()  # fail before the (long) measurement, not after
     report = quant_error_report(model, methods=_split(methods), double_quant=double_quant, blocksize=blocksize,
                                 skip=_split(skip), device=resolve_device(device), top=top, allow_pickle=allow_pickle,
                                 progress=not quiet and not as_json)
