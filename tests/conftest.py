@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# No per-example deadline: CI shares two cores, and a slow example is not a failure. Per-test @settings still
+# choose max_examples.
+settings.register_profile("peft-surgery", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("peft-surgery")
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = Path(os.environ.get("PEFT_SURGERY_CORPUS", REPO.parent / "shared" / "corpus"))
