@@ -236,3 +236,28 @@ def test_plot_without_matplotlib_fails_before_writing(tmp_path, monkeypatch):
                                  str(tmp_path / "p.png")])
     assert r.exit_code == 2 and "--plot needs matplotlib" in r.output
     assert not (tmp_path / "q").exists() and not (tmp_path / "p.png").exists()
+
+
+def test_gpt2_conv1d_weights_match_bnb_quantization(tmp_path):
+    """GPT-2 stores Conv1D weights (in, out); transformers quantizes their transpose. Ours must do the same."""
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from .models import tiny_gpt2
+
+    base = save(tiny_gpt2(n_embd=64), tmp_path / "gpt2")
+    quantize_checkpoint(base, tmp_path / "q", compute_dtype="fp32")
+    mine = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(base, quantization_config=cfg, device_map="cpu")
+    assert isinstance(mine.transformer.h[0].attn.c_attn, Linear4bit)
+    a, b = mine.state_dict(), ref.state_dict()  # compared before any forward pass (bnb may repack on first use)
+    assert set(a) == set(b)
+    for k in a:
+        if k.endswith(".absmax") and a[k].dtype == torch.uint8:
+            assert int((a[k].long() - b[k].long()).abs().max()) <= 4  # CUDA search vs bnb CPU table, see above
+        else:
+            assert torch.equal(a[k], b[k]), k
+    ids = input_ids()
+    assert torch.allclose(logits(mine, ids), logits(ref, ids), atol=5e-3, rtol=0)
