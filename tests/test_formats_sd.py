@@ -510,3 +510,30 @@ def test_llm_adapter_to_kohya_with_llm_base_is_refused(tmp_path):
     assert len(line.splitlines()) == 1 and "LlamaForCausalLM is not a diffusion-model component" in line
     assert "config.json" in line
     assert not out.exists()
+
+
+def test_kohya_hashes_match_sd_scripts_and_are_recomputed_on_write(corpus, tmp_path):
+    """sshs_model_hash / sshs_legacy_hash as sd-scripts computes them: reproduced on a real kohya-written file,
+    and recomputed (not copied) for the tensors we write."""
+    from safetensors import safe_open
+
+    from peft_surgery.formats.kohya import kohya_hashes
+
+    src = corpus("lycoris_lokr_sd15_smart_falcon") / "smart_falcon_4_lokr.safetensors"
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    got = kohya_hashes(tensors, meta)
+    assert got["sshs_model_hash"] == meta["sshs_model_hash"]
+    assert got["sshs_legacy_hash"] == meta["sshs_legacy_hash"]
+    out = tmp_path / "resaved.safetensors"
+    adapter = load_adapter(src)
+    first = next(iter(adapter.modules))
+    adapter.modules[first] = adapter.modules[first].replace(scale=adapter.modules[first].scale * 2)
+    save_adapter(adapter, out, format="kohya")
+    with safe_open(str(out), "pt") as f:
+        meta2 = f.metadata()
+        tensors2 = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta2["sshs_model_hash"] != meta["sshs_model_hash"]  # the tensors changed, so must the hash
+    assert kohya_hashes(tensors2, meta2) == {k: meta2[k] for k in ("sshs_model_hash", "sshs_legacy_hash",
+                                                                    "modelspec.hash_sha256")}

@@ -591,6 +591,10 @@ def _raise_unknown(unknown: list[str]) -> None:
 def write(adapter: Adapter, path: Path, *, style: str = "kohya", base: Any = None, **_: Any) -> list[str]:
     """Write one ``.safetensors`` file in the Flux layout ``style`` (kohya, comfy, xlabs, diffusers)."""
     tensors, notes, meta = state_dict(adapter, style=style, dims=_dims_for(base))
+    if any(k.startswith("ss_") for k in meta):  # kohya-style metadata: recompute its hashes for the new tensors
+        from .kohya import kohya_hashes
+
+        meta = {**meta, **kohya_hashes(tensors, meta)}
     save_tensors({k: v.contiguous() for k, v in tensors.items()}, path, meta)
     return notes
 

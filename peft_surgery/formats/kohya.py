@@ -649,12 +649,30 @@ def kohya_metadata(adapter: Adapter, arch: str | None, *, lycoris: bool = False)
     return meta
 
 
+def kohya_hashes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+    """sd-scripts' ``sshs_model_hash`` / ``sshs_legacy_hash`` and ModelSpec's ``modelspec.hash_sha256``.
+
+    As sd-scripts computes them: serialise the tensors with only the ``ss_*`` metadata; the model hash is the
+    SHA-256 of the bytes after the header (the tensor data), the legacy hash the first 8 hex digits of the
+    SHA-256 of the 64 KiB at offset 1 MiB (sd-webui-additional-networks' "addnet" hash).
+    """
+    import hashlib
+
+    from safetensors.torch import save
+
+    data = save({k: v.contiguous() for k, v in tensors.items()},
+                metadata={k: v for k, v in metadata.items() if k.startswith("ss_") and not k.startswith("sshs_")})
+    header_len = int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(data[8 + header_len:]).hexdigest()
+    legacy_hash = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    return {"sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash, "modelspec.hash_sha256": "0x" + model_hash}
+
+
 def write(adapter: Adapter, path: Path, *, arch: str | None = None, base: str | None = None, naming: str = "auto",
           lycoris: bool = False, **_: Any) -> list[str]:
-    """Write one kohya ``.safetensors`` file."""
+    """Write one kohya ``.safetensors`` file (hashes recomputed for the new tensors)."""
     tensors, metadata, notes = state_dict(adapter, arch=arch, base=base, naming=naming, lycoris=lycoris)
-    if any(k.startswith("sshs_") or k == "modelspec.hash_sha256" for k in adapter.metadata):
-        notes.append("dropped the source's sshs_*/modelspec.hash_sha256 hashes (they describe the old tensors)")
+    metadata = {**metadata, **kohya_hashes(tensors, metadata)}
     save_tensors(tensors, path, metadata)
     return notes
 
