@@ -246,6 +246,13 @@ class AdapterModule:
     def replace(self, **changes: Any) -> "AdapterModule":
         return replace(self, **changes)
 
+    def to(self, device: Any) -> "AdapterModule":
+        """A copy with every tensor (factors, magnitude, bias) on ``device``."""
+        delta = replace(self.delta, **{n: t.to(device) for n, t in _tensors_of(self.delta)})
+        return replace(self, delta=delta,
+                       magnitude=None if self.magnitude is None else self.magnitude.to(device),
+                       bias=None if self.bias is None else self.bias.to(device))
+
 
 @dataclass
 class Adapter:

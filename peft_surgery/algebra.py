@@ -462,8 +462,12 @@ def unmerge(merged: str | os.PathLike, adapters: Sequence[AdapterLike] | Adapter
 def combine_adapters(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, *, method: str = "stack",
                      rank: int | None = None, energy: float | None = None, density: float = 0.5, seed: int = 0,
                      majority: str = "total", sources: Sequence[str] | None = None,
-                     progress: bool = False) -> tuple[Adapter, CombineReport]:
-    """In-memory combine: one output module per module path in any input (absent inputs contribute 0)."""
+                     progress: bool = False, device: str = "cpu") -> tuple[Adapter, CombineReport]:
+    """In-memory combine: one output module per module path in any input (absent inputs contribute 0).
+
+    ``device`` runs the factored SVD of ``svd``/``linear`` there (results come back to CPU); ``ties``/``dare``
+    stay on CPU so their seeded random masks do not depend on the device.
+    """
     if method not in _combine.METHODS:
         raise SurgeryError(f"unknown --method '{method}' (choose from {', '.join(_combine.METHODS)})")
     adapters = list(adapters)
@@ -497,9 +501,12 @@ def combine_adapters(adapters: Sequence[Adapter], weights: Sequence[float] | Non
     dense = 0
     for n in _progress(names, len(names), f"combine ({method})", progress):
         mods = [ad.modules.get(n) for ad in adapters]
+        on_device = device != "cpu" and method in ("svd", "linear")
+        if on_device:
+            mods = [m.to(device) if m is not None else None for m in mods]
         out, info = _combine.combine_modules(mods, w, method, name=n, rank=rank, energy=energy, density=density,
                                              seed=seed, majority=majority)  # type: ignore[arg-type]
-        modules[n] = out
+        modules[n] = out.to("cpu") if on_device else out
         dense += info.path == "dense"
         report.rows.append({"module": n, "inputs": "+".join(str(r) for r in info.in_ranks), "rank": info.rank,
                             "path": info.path, "retained_energy": info.retained_energy, "rel_error": info.rel_error})
@@ -535,13 +542,14 @@ def combine(adapters: Sequence[AdapterLike], output: str | os.PathLike, *, metho
             weights: Sequence[float] | None = None, rank: int | None = None, energy: float | None = None,
             density: float = 0.5, seed: int = 0, majority: str = "total", format: str = "peft",
             overwrite: bool = False, allow_pickle: bool = False, progress: bool = False,
-            write_options: dict[str, Any] | None = None) -> CombineReport:
+            write_options: dict[str, Any] | None = None, device: str = "cpu") -> CombineReport:
     """Combine adapters into one and write it (see :func:`combine_adapters` and ``surgery.combine``)."""
     ads, sources = _load_all(adapters, allow_pickle)
     if len(ads) < 2 and method not in ("svd", "linear"):
         raise SurgeryError("combine needs at least two adapters")
     result, report = combine_adapters(ads, weights, method=method, rank=rank, energy=energy, density=density,
-                                      seed=seed, majority=majority, sources=sources, progress=progress)
+                                      seed=seed, majority=majority, sources=sources, progress=progress,
+                                      device=device)
     report.output = str(output)
     report.notes += _save(result, output, format=format, overwrite=overwrite, inputs=_inputs(adapters),
                           write_options=write_options)

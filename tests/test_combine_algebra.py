@@ -235,3 +235,21 @@ def test_shape_mismatch_library():
     with pytest.raises(ShapeMismatchError, match="'m'"):
         C.check_compatible("m", [_lora(4, 4, 1, 1.0, 0), _lora(4, 5, 1, 1.0, 0)], ["a", "b"])
     assert math.isfinite(C.module_seed(3, "x"))
+
+
+def test_module_to_device_copies_every_tensor():
+    m = _lora(6, 5, 2, 0.5, 3).replace(magnitude=torch.ones(6), bias=torch.zeros(6))
+    moved = m.to("meta")
+    assert all(t.device.type == "meta" for _, t in moved.tensors())
+    assert all(t.device.type == "cpu" for _, t in m.tensors())  # the original is untouched
+    assert moved.scale == m.scale and moved.layout == m.layout
+
+
+def test_combine_svd_on_gpu_matches_cpu(cuda_device):
+    a = Adapter(modules={"x": _lora(40, 30, 4, 0.5, 1), "y": _lora(20, 30, 3, 2.0, 2)})
+    b = Adapter(modules={"x": _lora(40, 30, 5, 1.0, 3), "y": _lora(20, 30, 2, 1.0, 4)})
+    cpu, _ = combine_adapters([a, b], [1.0, -0.5], method="svd", rank=4)
+    gpu, _ = combine_adapters([a, b], [1.0, -0.5], method="svd", rank=4, device=cuda_device)
+    for n in cpu.modules:
+        assert all(t.device.type == "cpu" for _, t in gpu[n].tensors())
+        torch.testing.assert_close(gpu[n].delta_math(), cpu[n].delta_math(), rtol=1e-4, atol=1e-5)

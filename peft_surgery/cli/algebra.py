@@ -106,6 +106,7 @@ def unmerge_cmd(merged, adapters, weights, ignore_modules_to_save, device, outpu
 @click.option("--majority", type=click.Choice(["total", "frequency"]), default="total", show_default=True,
               help="ties/dare_ties sign election.")
 @click.option("--seed", type=int, default=0, show_default=True, help="dare: seed of the random drop.")
+@device_option
 @format_option
 @output_option(help="Output adapter.")
 @overwrite_option
@@ -115,8 +116,8 @@ def unmerge_cmd(merged, adapters, weights, ignore_modules_to_save, device, outpu
 @hub_options
 @subfolder_option('adapters', what='every ADAPTER')
 @handle_errors
-def combine_cmd(adapters, method, weights, rank, energy, density, majority, seed, out_format, output, overwrite,
-                allow_pickle, as_json, quiet, push_to_hub, private, commit_message):
+def combine_cmd(adapters, method, weights, rank, energy, density, majority, seed, device, out_format, output,
+                overwrite, allow_pickle, as_json, quiet, push_to_hub, private, commit_message):
     """Combine adapters for the same base into one adapter: ΔW = Σ wᵢ·ΔWᵢ (each scale applied once).
 
     Mixed types (LoRA + LoHa/LoKr) go through the dense ΔW and are reported.
@@ -131,7 +132,7 @@ def combine_cmd(adapters, method, weights, rank, energy, density, majority, seed
 
     report = combine(list(adapters), output, method=method, weights=parse_floats(weights), rank=rank, energy=energy,
                      density=density, seed=seed, majority=majority, format=out_format, overwrite=overwrite,
-                     allow_pickle=allow_pickle, progress=not (quiet or as_json))
+                     allow_pickle=allow_pickle, progress=not (quiet or as_json), device=resolve_device(device))
     _emit(report, as_json, quiet)
     maybe_push(output, push_to_hub, private=private, commit_message=commit_message, report=report, kind="adapter",
                quiet=quiet or as_json)
