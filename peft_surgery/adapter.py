@@ -237,6 +237,12 @@ class AdapterModule:
             merged = _delta.dora_weight(w, d, self.magnitude.to(d.dtype))
         return self.to_stored(merged - w)
 
+    def delta_norm(self) -> float:
+        """‖ΔW‖_F (without DoRA); from the factors for plain LoRA, never forming the dense matrix there."""
+        if isinstance(self.delta, LoRA) and self.delta.mid is None:
+            return abs(self.scale) * _delta.lora_frobenius(self.delta.down, self.delta.up)
+        return frobenius(self.delta_math())
+
     def bias_delta(self) -> Tensor | None:
         if self.bias is None:
             return None

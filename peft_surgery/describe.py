@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .adapter import Adapter, frobenius
+from .adapter import Adapter
 from .checkpoint import Checkpoint, math_prod
 from .errors import FormatError, SurgeryError
 from .formats import FORMATS, detect_format, load_adapter
@@ -34,7 +34,7 @@ def describe_adapter(adapter: Adapter, *, norms: bool = False, evidence: list[st
     }
     if norms:
         out["norms"] = {
-            name: (None if m.is_dora else frobenius(m.delta_weight())) for name, m in adapter.modules.items()
+            name: (None if m.is_dora else m.delta_norm()) for name, m in adapter.modules.items()
         }
     return out
 

@@ -204,3 +204,18 @@ def test_rank_mismatch_between_config_and_tensors(tmp_path):
     (d / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(FormatError, match="rank 8 but lora_A has 16"):
         load_adapter(d)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 9), st.integers(1, 9), st.sampled_from([None, 1, 3]),
+       st.floats(-4, 4).filter(lambda x: abs(x) > 1e-3), st.integers(0, 2**16))
+def test_delta_norm_from_factors_equals_dense(r, out_f, in_f, kernel, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    if kernel:
+        m = AdapterModule(LoRA(torch.randn(r, in_f, kernel, kernel, generator=g),
+                               torch.randn(out_f, r, 1, 1, generator=g)), scale,
+                          Layout("conv", False, (out_f, in_f, kernel, kernel)))
+    else:
+        m = AdapterModule(LoRA(torch.randn(r, in_f, generator=g), torch.randn(out_f, r, generator=g)), scale)
+    dense = float(torch.linalg.vector_norm(m.delta_weight().double()))
+    assert math.isclose(m.delta_norm(), dense, rel_tol=1e-5, abs_tol=1e-9)

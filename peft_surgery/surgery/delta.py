@@ -51,6 +51,14 @@ def lora_delta(down: Tensor, up: Tensor, mid: Tensor | None = None) -> Tensor:
     return (b2 @ a.reshape(r, -1)).reshape(b.shape[0], a.shape[1], *kernel)
 
 
+def lora_frobenius(down: Tensor, up: Tensor) -> float:
+    """‖up @ down‖_F from the factors alone: ‖BA‖²_F = Σ (BᵀB) ⊙ (AAᵀ), O((out+in)·r²) instead of out·in."""
+    r = down.shape[0]
+    a = down.reshape(r, -1).to(torch.float64)
+    b = up.reshape(up.shape[0], r).to(torch.float64)
+    return float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt())
+
+
 def tucker_rebuild(core: Tensor, left: Tensor, right: Tensor) -> Tensor:
     """LyCORIS/PEFT CP reconstruction: R[p,q,...] = Σ_ij core[i,j,...]·left[i,p]·right[j,q].
 
