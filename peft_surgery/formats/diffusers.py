@@ -37,7 +37,7 @@ from ..checkpoint import Checkpoint, save_tensors
 from ..errors import FormatError, SurgeryError
 from ..surgery.delta import rank_scale
 from . import Detection, FormatSpec, peft as peft_format, register
-from .arch import DIFFUSION_COMPONENTS, infer_component, split_component, tables_from_base
+from .arch import DIFFUSION_COMPONENTS, component_of_unprefixed, split_component
 
 METADATA_KEY = "lora_adapter_metadata"
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -206,11 +206,7 @@ def read(ckpt: Checkpoint, *, base: str | None = None, component: str | None = N
     unprefixed = [m for (c, m) in parts if c is None]
     default_comp = component
     if default_comp is None and unprefixed:
-        if base is not None:
-            tables = tables_from_base(base)
-            default_comp = next(iter(tables)) if len(tables) == 1 else infer_component(unprefixed)
-        else:
-            default_comp = infer_component(unprefixed)
+        default_comp = component_of_unprefixed(unprefixed, base)
     raw = _parse_metadata(dict(ckpt.metadata or {}))
     cfgs = component_configs(raw, default_comp or "unet")
     notes: list[str] = []
@@ -350,11 +346,7 @@ def state_dict(adapter: Adapter, *, base: str | None = None, fold_scale: bool = 
     unprefixed = [n for n in adapter.modules if split_component(n)[0] is None]
     comp0 = component
     if unprefixed and comp0 is None:
-        if base is not None:
-            tables = tables_from_base(base)
-            comp0 = next(iter(tables)) if len(tables) == 1 else infer_component(unprefixed)
-        else:
-            comp0 = infer_component(unprefixed)
+        comp0 = component_of_unprefixed(unprefixed, base)
         notes.append(f"un-prefixed module names (a PEFT adapter on one component) were written under '{comp0}.'")
     src_cfgs = adapter.config.get("_components") if isinstance(adapter.config.get("_components"), dict) else {}
     by_comp: dict[str, dict[str, AdapterModule]] = {}

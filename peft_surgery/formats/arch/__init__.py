@@ -322,6 +322,16 @@ def infer_component(names: Iterable[str], default: str | None = None) -> str:
     raise FormatError(f"module names mix components {sorted(votes)}; pass --base")
 
 
+def component_of_unprefixed(names: list[str], base: str | os.PathLike | None = None) -> str:
+    """The component that un-prefixed module names (an adapter on one component) belong to: the single
+    component of ``--base`` when it has one, else inferred from the names."""
+    if base is not None:
+        tables = tables_from_base(base)
+        if len(tables) == 1:
+            return next(iter(tables))
+    return infer_component(names)
+
+
 def split_component(name: str) -> tuple[str | None, str]:
     """``unet.down_blocks.0...`` → (``unet``, ``down_blocks.0...``); (None, name) when unprefixed."""
     head, _, rest = name.partition(".")
